@@ -1,0 +1,18 @@
+"""Segmentation models: DeepLab-v2 (ASPP-v2) on dilated torchvision ResNets, and checkpoint loading."""
+
+from dmtc.models.backbones import BACKBONES, PRETRAINED_URLS, ResNetBackbone, build_backbone, load_pretrained
+from dmtc.models.checkpoints import LoadReport, load_dmt_checkpoint
+from dmtc.models.deeplab import ASPPv2, DeepLabV2, deeplab_v2
+
+__all__ = [
+    "ASPPv2",
+    "BACKBONES",
+    "DeepLabV2",
+    "LoadReport",
+    "PRETRAINED_URLS",
+    "ResNetBackbone",
+    "build_backbone",
+    "deeplab_v2",
+    "load_dmt_checkpoint",
+    "load_pretrained",
+]

@@ -1,0 +1,224 @@
+"""Loading DMT/DMTC checkpoints and dmtc's own Lightning checkpoints into a :class:`DeepLabV2`.
+
+Accepted files (read with ``torch.load(weights_only=True)`` on the CPU):
+
+- DMT/DMTC files (Feng et al., Pattern Recognition 2022, public code): ``{'model': state_dict, 'optimizer':
+  ..., 'lr_scheduler': ...}`` with keys ``backbone.<torchvision resnet key>`` and
+  ``classifier.0.convs.{i}.{weight,bias}``; a ``module.`` (DataParallel) prefix is tolerated.
+- a raw state dict in any of the key layouts below (including the AdvSemiSeg/Hung et al. COCO DeepLab-v2
+  file, whose keys are torchvision's plus ``layer5.conv2d_list.{i}``);
+- dmtc Lightning checkpoints ``{'state_dict': {...}}`` whose models sit under ``models.<key>.``.
+
+File keys are mapped onto the model's own names: ``backbone.*`` (torchvision names) and
+``classifier.convs.{i}.*``.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dmtc.errors import DMTCError
+
+_TORCHVISION_TOP = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.", "fc.")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_dmt_checkpoint` did.
+
+    ``loaded``: model keys filled from the file. ``skipped``: model keys whose file tensor has another
+    shape (e.g. a 21-class head into a 19-class model); they keep their current values. ``unused``: file
+    keys (as written in the file) the model has no place for (e.g. the d18/d24 convs when the model has two
+    branches). ``missing``: model keys the file lacks (they keep their current values).
+    """
+
+    loaded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+
+def _read(path: Path) -> object:
+    if not path.is_file():
+        raise DMTCError(f"Checkpoint file {str(path)!r} not found.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any failure means the file is unusable
+        raise DMTCError(
+            f"Could not read checkpoint {str(path)!r} with torch.load(weights_only=True): {e}. It is not a "
+            "PyTorch checkpoint, is damaged, or pickles Python objects other than tensors and plain "
+            "containers."
+        ) from e
+
+
+def _is_state_dict(obj: object) -> bool:
+    """A str-keyed mapping holding tensors (non-tensor extra states are allowed and ignored)."""
+    return (
+        isinstance(obj, Mapping)
+        and all(isinstance(k, str) for k in obj)
+        and any(isinstance(v, torch.Tensor) for v in obj.values())
+    )
+
+
+def _select_state_dict(obj: object, path: Path, model_key: str | None) -> tuple[dict[str, torch.Tensor], str]:
+    """Return the tensors of the one model the file holds (original keys) and their common key prefix."""
+    if isinstance(obj, Mapping) and _is_state_dict(obj.get("state_dict")):
+        state = obj["state_dict"]  # Lightning
+    elif isinstance(obj, Mapping) and _is_state_dict(obj.get("model")):
+        state = obj["model"]  # DMT / DMTC
+    elif _is_state_dict(obj):
+        state = obj
+    else:
+        raise DMTCError(
+            f"{str(path)!r} is not a model checkpoint: expected a state dict, a DMT file "
+            "{'model': state_dict, ...} or a Lightning file {'state_dict': ...}."
+        )
+    keys = sorted({m.group(1) for k in state if (m := re.match(r"models\.([^.]+)\.", k))})
+    if keys:  # a dmtc module holding several models under models.<key>.
+        if model_key is None:
+            if "a" in keys:
+                model_key = "a"
+            elif len(keys) == 1:
+                model_key = keys[0]
+            else:
+                raise DMTCError(f"Checkpoint {str(path)!r} holds models {keys}; choose one with model_key.")
+        if model_key not in keys:
+            raise DMTCError(f"Checkpoint {str(path)!r} has no model {model_key!r}; it holds models {keys}.")
+        prefix = f"models.{model_key}."
+    elif model_key is not None:
+        raise DMTCError(
+            f"model_key={model_key!r} was given but checkpoint {str(path)!r} holds a single model; "
+            "leave model_key unset."
+        )
+    elif all(k.startswith("model.") for k in state):  # a Lightning module holding one model as `model`
+        prefix = "model."
+    else:
+        prefix = ""
+    return {k: v for k, v in state.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}, prefix
+
+
+def _map_key(key: str) -> str:
+    """Map one model-level file key to dmtc's module names."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix) :], True
+    if key.startswith("classifier.0.convs."):  # DMT: classifier = Sequential(ASPP)
+        return "classifier.convs." + key[len("classifier.0.convs.") :]
+    if key.startswith("layer5.conv2d_list."):  # AdvSemiSeg / Hung et al. COCO DeepLab-v2
+        return "classifier.convs." + key[len("layer5.conv2d_list.") :]
+    if key.startswith(_TORCHVISION_TOP):  # a bare torchvision-style ResNet
+        return "backbone." + key
+    return key
+
+
+def guess_backbone(state: Mapping[str, torch.Tensor]) -> str | None:
+    """Name the backbone a (dmtc-keyed) state dict seems to hold, from its block layout; None if unclear."""
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"backbone\.layer3\.(\d+)\.", k))}
+    if not blocks:
+        return None
+    n3 = max(blocks) + 1
+    bottleneck = any(k.startswith("backbone.layer3.0.conv3.") for k in state)
+    stem = state.get("backbone.conv1.weight")
+    if bottleneck:
+        return {6: "resnet50", 23: "resnet101", 36: "resnet152"}.get(n3)
+    if stem is not None and stem.shape[0] == 16 and n3 == 1:
+        return "resnet_tiny"
+    return {2: "resnet18", 6: "resnet34"}.get(n3)
+
+
+def load_dmt_checkpoint(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    model_key: str | None = None,
+    allow_head_mismatch: bool = True,
+) -> LoadReport:
+    """Load a DMT/DMTC checkpoint or a dmtc Lightning checkpoint into ``model`` (a :class:`DeepLabV2`).
+
+    ``model_key`` picks the model of a Lightning checkpoint (``models.<key>.``; default ``a`` if present,
+    else the only one). Non-backbone tensors whose shape does not fit (another class count) are skipped
+    with one warning if ``allow_head_mismatch``, else raise :class:`DMTCError`. Backbone tensors that are
+    missing or do not fit raise :class:`DMTCError`. Model keys absent from the file, other than the
+    backbone's, keep their values and are warned about.
+    """
+    path = Path(path)
+    raw, prefix = _select_state_dict(_read(path), path, model_key)
+    file_state: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for key, value in raw.items():
+        mapped = _map_key(key[len(prefix) :])
+        file_state[mapped] = value
+        origin[mapped] = key
+
+    own = model.state_dict()
+    report = LoadReport()
+    report.unused = sorted(origin[k] for k in file_state if k not in own)
+    report.missing = sorted(k for k in own if k not in file_state)
+    backbone_bad = [
+        k for k in own if k.startswith("backbone.") and k in file_state and file_state[k].shape != own[k].shape
+    ]
+    backbone_missing = [
+        k for k in report.missing if k.startswith("backbone.") and not k.endswith(".num_batches_tracked")
+    ]
+    if backbone_bad or backbone_missing:
+        own_name = getattr(model, "backbone_name", None) or guess_backbone(own) or "this model's backbone"
+        file_name = guess_backbone(file_state)
+        seems = f" The file seems to hold a {file_name} backbone." if file_name else ""
+        detail = backbone_missing[:3] if backbone_missing else backbone_bad[:3]
+        what = "lacks" if backbone_missing else "has other shapes for"
+        count = len(backbone_missing) if backbone_missing else len(backbone_bad)
+        raise DMTCError(
+            f"Checkpoint {str(path)!r} does not fit a {own_name} model: it {what} {count} backbone tensors "
+            f"(e.g. {', '.join(detail)}).{seems} Choose the backbone the checkpoint was trained with."
+        )
+
+    state_to_load = {}
+    for key, value in file_state.items():
+        if key not in own:
+            continue
+        if value.shape != own[key].shape:
+            report.skipped.append(key)
+        else:
+            report.loaded.append(key)
+            state_to_load[key] = value
+    report.loaded.sort()
+    report.skipped.sort()
+    if not report.loaded:
+        raise DMTCError(f"Checkpoint {str(path)!r} has no tensor that fits this model.")
+
+    problems = []
+    if report.skipped:
+        head_weights = [k for k in report.skipped if k.startswith("classifier.") and k.endswith(".weight")]
+        if head_weights:
+            file_classes = file_state[head_weights[0]].shape[0]
+            model_classes = own[head_weights[0]].shape[0]
+            problem = f"Checkpoint {str(path)!r} has {file_classes} classes but the model has {model_classes}"
+        else:
+            problem = f"Checkpoint {str(path)!r} has tensors of other shapes than the model's head"
+        if not allow_head_mismatch:
+            raise DMTCError(
+                f"{problem} ({', '.join(report.skipped)}). Set the dataset / num_classes to the "
+                "checkpoint's classes, or allow a head mismatch to load the backbone only."
+            )
+        problems.append(f"{problem}; not loaded (initial values kept): {', '.join(report.skipped)}")
+    head_missing = [k for k in report.missing if not k.startswith("backbone.")]
+    if head_missing:
+        problems.append(
+            f"Checkpoint {str(path)!r} lacks {len(head_missing)} model tensors (initial values kept): "
+            f"{', '.join(head_missing)}"
+        )
+    if problems:
+        warnings.warn(". ".join(problems) + ".", stacklevel=2)
+    model.load_state_dict(state_to_load, strict=False)
+    return report
