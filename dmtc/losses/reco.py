@@ -1,0 +1,421 @@
+"""Regional contrastive loss (ReCo) as used by DMTC, vectorised, with an optional class-wise memory bank.
+
+ReCo: Liu, Zhi, Johns, Davison, "Bootstrapping Semantic Segmentation with Regional Contrast", ICLR 2022.
+DMTC applies it on a projection head's features next to the dynamic mutual loss (weight 1.0 in warm-up,
+0.1 in the DMT phases; strong_threshold 0.97, τ = 0.5, 256 queries, 512 negatives; DESIGN.md §1.5, §3).
+
+The loss, for features ``f`` (L2-normalised along D, so every dot product below is a cosine):
+
+* **Pixels.** Only pixels with ``valid`` true take part, as anchors, positives, negatives or in prototypes.
+  The caller builds ``valid``: ``labels != 255`` and, for pseudo-labeled pixels, optionally the pseudo
+  label's confidence > weak threshold (0.7 in ReCo). (The DMTC reference code lets label 255 in as class 0;
+  this implementation never looks at an invalid pixel.)
+* **Prototypes.** ``p_c = normalise(mean_{valid i of class c} f_i)`` — the mean of the *normalised*
+  features (ReCo averages the raw head outputs; we normalise first so that batch features and the memory
+  bank's unit vectors can be averaged together). With a bank and ``bank_prototypes=True`` the mean runs
+  over batch ∪ bank features of the class; otherwise over the batch (bank-only classes use the bank mean).
+* **Queries.** For every class c present among valid batch pixels, Q anchors ``q`` are drawn uniformly
+  *with replacement* among c's hard pixels: valid, labeled c, with ``probs[c] < strong_threshold``.
+* **Negatives.** For a query of class c each of the M negatives is drawn i.i.d.: first a class k ≠ c with
+  probability ``P(k | c) = softmax_k(cos(p_c, p_k) / τ)`` over the other classes present (in the batch,
+  or in batch ∪ bank with a memory bank), then a uniform valid pixel (or bank entry) of class k.
+* **Loss.** Keys (prototype and negatives) carry no gradient. Per query, InfoNCE / cross-entropy with the
+  positive at index 0::
+
+      ℓ(q) = -log( exp(q·p_c / τ) / (exp(q·p_c / τ) + Σ_m exp(q·n_m / τ)) )
+
+  and ``L = (1 / K) Σ_c mean_q ℓ(q)`` where K = number of classes present among valid batch pixels; a
+  class without hard anchors adds 0 but still counts in K. ``L = 0`` (with a zero gradient path to
+  ``features``) when fewer than two key classes are present (batch, or batch ∪ bank) or no pixel is valid.
+
+``shared_negatives=True`` draws one set of M negatives per class and lets all of that class's queries use
+it: each query still sees M i.i.d. negatives from the same distribution, so the expected loss and gradient
+equal those of the exact mode, while the cost drops from a Q×M×D gather to an (M×D) gather and a batched
+matmul. ``shared_negatives=False`` is ReCo's exact per-query sampling (cost ∝ Q·P_keys·D: it computes the
+queries' similarities to the whole key pool in memory-bounded chunks and picks the sampled entries).
+
+Resolution: the loss works at whatever resolution it is given. ReCo computes it at feature resolution
+(labels, valid and probs resized with nearest neighbour — :func:`downsample_nearest`); DMTC's variant
+instead upsamples the features to crop resolution, which is much more expensive.
+
+Sampling is a separate step (:func:`sample_reco` → :class:`RecoSample` of indices) so tests can evaluate
+the same draw two ways; :func:`reco_loss` = :func:`sample_reco` + :func:`reco_loss_from_sample`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dmtc.memory_bank import ClassMemoryBank
+
+__all__ = [
+    "RecoSample",
+    "downsample_nearest",
+    "gather_keys",
+    "reco_loss",
+    "reco_loss_from_sample",
+    "sample_reco",
+]
+
+# Exact mode computes query-by-key similarity blocks of at most this many elements (64 MiB in float32).
+_EXACT_BLOCK_ELEMENTS = 1 << 24
+
+
+def downsample_nearest(
+    labels: Tensor, valid: Tensor, probs: Tensor, size: Sequence[int]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Resize labels (N×H×W), valid (N×H×W) and probs (N×C×H×W) to ``size`` = (h, w), nearest neighbour.
+
+    All three use the same nearest-neighbour pixel choice (``F.interpolate(mode="nearest")``, as ReCo
+    does), so a kept label, its validity and its probabilities come from the same source pixel.
+    """
+    size = (int(size[0]), int(size[1]))
+    small_labels = F.interpolate(labels.unsqueeze(1).float(), size=size, mode="nearest").squeeze(1)
+    small_valid = F.interpolate(valid.unsqueeze(1).float(), size=size, mode="nearest").squeeze(1)
+    small_probs = F.interpolate(probs, size=size, mode="nearest")
+    return small_labels.round().to(labels.dtype), small_valid > 0.5, small_probs
+
+
+@dataclass(frozen=True)
+class RecoSample:
+    """One draw of ReCo's anchors and keys, as indices (all tensors on the features' device).
+
+    Keys are addressed in one index space: ``i < N·h·w`` is the flat pixel ``n·h·w + y·w + x`` of the
+    batch, ``i ≥ N·h·w`` is slot ``i - N·h·w`` of the memory bank's ``features`` viewed as (C·K)×D
+    (so its class is ``(i - N·h·w) // K``). :func:`gather_keys` turns indices into unit vectors.
+
+    Attributes:
+        num_classes_present: K, the loss denominator (classes present among valid batch pixels).
+        anchor_class: (A,) class ids of the present classes that have hard anchors (A ≤ K).
+        anchor_index: (A, Q) flat pixel indices of the anchors.
+        positive: (A, D) unit prototypes of the anchor classes (no gradient).
+        negative_index: key indices; (A, M) when shared by a class's queries, (A, Q, M) when exact.
+        key_pixels: (P,) flat indices of the valid batch pixels (the batch part of the key pool).
+        bank_slots: (B,) filled bank slots (the bank part of the key pool, offset by N·h·w in indices).
+        pixel_features: (N·h·w)×D float32 detached copy of the features, pixel-major (rows gather fast).
+        pixel_inv_norm: (N·h·w,) 1 / max(‖f‖, 1e-12) per pixel.
+        bank_features: (C·K)×D view of the bank (0×D without one).
+        bank_size_per_class: K (0 without a bank).
+    """
+
+    num_classes_present: int
+    anchor_class: Tensor
+    anchor_index: Tensor
+    positive: Tensor
+    negative_index: Tensor
+    key_pixels: Tensor
+    bank_slots: Tensor
+    pixel_features: Tensor
+    pixel_inv_norm: Tensor
+    bank_features: Tensor
+    bank_size_per_class: int
+
+
+def _check_inputs(features: Tensor, labels: Tensor, valid: Tensor, probs: Tensor) -> None:
+    if features.dim() != 4:
+        raise ValueError(f"features must be N×D×h×w, got {tuple(features.shape)}")
+    n, _, h, w = features.shape
+    if labels.shape != (n, h, w) or valid.shape != (n, h, w):
+        raise ValueError(
+            f"labels and valid must be N×h×w = {(n, h, w)} (the features' size; see downsample_nearest), "
+            f"got {tuple(labels.shape)} and {tuple(valid.shape)}"
+        )
+    if probs.dim() != 4 or probs.shape[0] != n or probs.shape[2:] != (h, w):
+        raise ValueError(f"probs must be N×C×h×w with N, h, w = {(n, h, w)}, got {tuple(probs.shape)}")
+
+
+def _sample_categorical(probs: Tensor, num_samples: int, generator: torch.Generator | None) -> Tensor:
+    """``num_samples`` i.i.d. draws per row of a row-stochastic (R×C) matrix, by inverse CDF in float64."""
+    cdf = torch.cumsum(probs.double(), dim=1)
+    u = torch.rand(probs.shape[0], num_samples, generator=generator, device=probs.device, dtype=torch.float64)
+    u = u * cdf[:, -1:]
+    draws = torch.searchsorted(cdf, u, right=True)  # first class whose cdf exceeds u (skips p = 0)
+    columns = torch.arange(probs.shape[1], device=probs.device)
+    last_allowed = torch.where(probs > 0, columns, -1).amax(dim=1, keepdim=True)
+    return torch.minimum(draws, last_allowed)  # guards u rounding up to the total
+
+
+def _uniform_below(counts: Tensor, generator: torch.Generator | None) -> Tensor:
+    """A uniform integer in ``[0, counts)`` per element (0 where counts == 0)."""
+    u = torch.rand(counts.shape, generator=generator, device=counts.device, dtype=torch.float64)
+    draws = torch.floor(u * counts).long()
+    return torch.minimum(draws, (counts - 1).clamp_min(0))
+
+
+@torch.no_grad()
+def gather_keys(sample: RecoSample, index: Tensor) -> Tensor:
+    """Unit-norm key vectors (float32, no gradient) for key indices of any shape S → S×D."""
+    num_pixels = sample.pixel_features.shape[0]
+    if sample.bank_slots.numel() == 0:  # batch only: every index is a pixel
+        flat = index.reshape(-1)
+        rows = sample.pixel_features.index_select(0, flat).mul_(sample.pixel_inv_norm[flat].unsqueeze(1))
+        return rows.view(*index.shape, -1)
+    in_bank = index >= num_pixels
+    pixel_index = torch.where(in_bank, 0, index)
+    pixel = sample.pixel_features[pixel_index] * sample.pixel_inv_norm[pixel_index].unsqueeze(-1)
+    bank = sample.bank_features[torch.where(in_bank, index - num_pixels, 0)].float()
+    return torch.where(in_bank.unsqueeze(-1), bank, pixel)
+
+
+@torch.no_grad()
+def sample_reco(
+    features: Tensor,
+    labels: Tensor,
+    valid: Tensor,
+    probs: Tensor,
+    strong_threshold: float = 0.97,
+    temperature: float = 0.5,
+    num_queries: int = 256,
+    num_negatives: int = 512,
+    memory: ClassMemoryBank | None = None,
+    shared_negatives: bool = True,
+    generator: torch.Generator | None = None,
+    bank_prototypes: bool = False,
+) -> RecoSample | None:
+    """Draw ReCo's anchors and negative keys (see the module docstring); ``None`` when the loss is 0.
+
+    Random numbers are drawn in a fixed order (anchors, negative classes, negative members) with shapes
+    that do not depend on the bank's content, so an empty bank reproduces batch mode exactly.
+    ``features`` must be finite everywhere (ignored pixels get weight 0 in a matmul, and 0·inf = NaN).
+    """
+    _check_inputs(features, labels, valid, probs)
+    n, dim, h, w = features.shape
+    num_classes = probs.shape[1]
+    device = features.device
+    hw = h * w
+
+    valid = valid.bool()
+    pix = valid.reshape(-1).nonzero().squeeze(1)  # flat indices of valid pixels, ascending
+    lab = labels.reshape(-1)[pix].long()
+    if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= num_classes):
+        raise ValueError(
+            f"valid pixels must have labels in [0, {num_classes}); got {int(lab.min())}..{int(lab.max())} "
+            "(mark ignored pixels, e.g. 255, as not valid)"
+        )
+    own_prob = probs.detach().flatten(2)[pix // hw, lab, pix % hw]
+
+    # The memory bank: member r of class c is slot r (filled slots of a class are 0..count-1).
+    if memory is not None:
+        if memory.num_classes != num_classes or memory.dim != dim:
+            raise ValueError(
+                f"memory bank is {memory.num_classes} classes × {memory.dim} dims, the loss got "
+                f"{num_classes} classes × {dim} dims"
+            )
+        bank_k = memory.size_per_class
+        bank_features = memory.features.to(device).reshape(num_classes * bank_k, dim)
+        n_bank = memory.count.to(device)
+    else:
+        bank_k = 0
+        bank_features = torch.zeros(0, dim, device=device)
+        n_bank = torch.zeros(num_classes, dtype=torch.long, device=device)
+    filled = torch.arange(bank_k, device=device).unsqueeze(0) < n_bank.unsqueeze(1)  # C×K
+    bank_slots = filled.reshape(-1).nonzero().squeeze(1)
+
+    n_batch = torch.bincount(lab, minlength=num_classes)
+    n_all = n_batch + n_bank
+    present = (n_batch > 0).nonzero().squeeze(1)  # the query classes
+    if present.numel() == 0 or int((n_all > 0).sum()) < 2:
+        return None
+
+    # One pixel-major float32 copy of the features: fast row gathers for prototypes and keys.
+    pixel_features = torch.empty(n, h, w, dim, device=device)
+    pixel_features.copy_(features.detach().permute(0, 2, 3, 1))
+    pixel_features = pixel_features.view(n * hw, dim)
+    pixel_inv_norm = 1.0 / torch.linalg.vector_norm(pixel_features, dim=1).clamp_min(1e-12)
+
+    # Prototypes: normalise(Σ f_i/‖f_i‖) over the class's valid pixels (and bank entries), as one
+    # matmul of a C×(N·h·w) weight matrix (1/‖f_i‖ at (label_i, i), 0 elsewhere) with the features.
+    weight = torch.zeros(num_classes, n * hw, device=device)
+    weight[lab, pix] = pixel_inv_norm[pix]
+    sum_batch = weight @ pixel_features  # C×D
+    if bank_slots.numel():
+        bank_cube = bank_features.view(num_classes, bank_k, dim).float()
+        sum_bank = torch.einsum("ck,ckd->cd", filled.float(), bank_cube)
+    else:
+        sum_bank = torch.zeros_like(sum_batch)
+    if bank_prototypes:
+        proto = F.normalize(sum_batch + sum_bank, dim=1)
+    else:
+        proto = F.normalize(torch.where((n_batch > 0).unsqueeze(1), sum_batch, sum_bank), dim=1)
+
+    # Negative-class distribution P(k | c) = softmax over present k ≠ c of cos(p_c, p_k) / τ.
+    classes = torch.arange(num_classes, device=device)
+    allowed = (n_all > 0).unsqueeze(0) & (classes.unsqueeze(0) != present.unsqueeze(1))
+    sim = (proto[present] @ proto.T) / temperature
+    neg_class_prob = torch.softmax(sim.masked_fill(~allowed, float("-inf")), dim=1)  # K×C
+
+    # Hard anchors: uniform with replacement among each class's hard valid pixels.
+    hard = own_prob < strong_threshold
+    hard_lab = lab[hard]
+    hard_pix = pix[hard][torch.argsort(hard_lab, stable=True)]
+    hard_counts = torch.bincount(hard_lab, minlength=num_classes)
+    n_hard = hard_counts[present]
+    start_hard = (torch.cumsum(hard_counts, 0) - hard_counts)[present]
+    pick = _uniform_below(n_hard.unsqueeze(1).expand(-1, num_queries), generator)
+    has_anchor = n_hard > 0
+    anchor_index = hard_pix[(start_hard.unsqueeze(1) + pick)[has_anchor]]
+    anchor_class = present[has_anchor]
+
+    # Negatives: a class k ~ P(k | c), then a uniform member of k among batch pixels ∪ bank entries.
+    per_class = num_negatives if shared_negatives else num_queries * num_negatives
+    neg_class = _sample_categorical(neg_class_prob[has_anchor], per_class, generator)
+    member = _uniform_below(n_all[neg_class], generator)
+    nb = n_batch[neg_class]
+    batch_sorted = pix[torch.argsort(lab, stable=True)]
+    start_batch = torch.cumsum(n_batch, 0) - n_batch
+    in_batch = member < nb
+    negative_index = torch.where(
+        in_batch,
+        batch_sorted[torch.where(in_batch, start_batch[neg_class] + member, 0)],
+        n * hw + neg_class * bank_k + (member - nb),
+    )
+    if not shared_negatives:
+        negative_index = negative_index.view(-1, num_queries, num_negatives)
+
+    return RecoSample(
+        num_classes_present=int(present.numel()),
+        anchor_class=anchor_class,
+        anchor_index=anchor_index,
+        positive=proto[anchor_class],
+        negative_index=negative_index,
+        key_pixels=pix,
+        bank_slots=bank_slots,
+        pixel_features=pixel_features,
+        pixel_inv_norm=pixel_inv_norm,
+        bank_features=bank_features,
+        bank_size_per_class=bank_k,
+    )
+
+
+def _zero_with_grad_path(features: Tensor) -> Tensor:
+    """An exact 0 connected to ``features`` (zero gradient, never NaN, keeps DDP's graph complete)."""
+    return features[..., :0].sum().float()
+
+
+class _SharedInfoNCE(torch.autograd.Function):
+    """Per-query ``log(exp(q·p) + Σ_m exp(q·n_m)) - q·p`` for queries already scaled by 1/τ.
+
+    q: A×Q×D (grad), p: A×D, n: A×M×D (no grad). Hand-written backward so that the A×Q×M block is made
+    once (bmm, exp in place) and read twice (sum, backward bmm): no extra passes or temporaries. Needs
+    |q·k| ≤ 1/τ ≤ 20 (unit vectors, τ ≥ 0.05) so that no max-shift is needed.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, pos_key: Tensor, neg_keys: Tensor) -> Tensor:  # noqa: ANN001
+        pos = torch.bmm(q, pos_key.unsqueeze(2)).squeeze(2)  # A×Q
+        neg_exp = torch.bmm(q, neg_keys.transpose(1, 2)).exp_()  # A×Q×M
+        pos_exp = pos.exp()
+        total = neg_exp.sum(dim=2) + pos_exp
+        ctx.save_for_backward(pos_key, neg_keys, neg_exp, pos_exp, total)
+        return total.log() - pos
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: ANN001
+        pos_key, neg_keys, neg_exp, pos_exp, total = ctx.saved_tensors
+        scale = grad / total  # d/dlogit_m = exp(logit_m) / total
+        grad_q = torch.bmm(neg_exp, neg_keys) * scale.unsqueeze(2)
+        grad_q += (scale * pos_exp - grad).unsqueeze(2) * pos_key.unsqueeze(1)
+        return grad_q, None, None
+
+
+def _exact_negative_logits(queries: Tensor, keys: Tensor, index: Tensor) -> Tensor:
+    """``queries[r] · keys[index[r, m]]`` for R×D queries and R×M indices, in memory-bounded blocks."""
+    rows, per_row = index.shape
+    block = max(1, _EXACT_BLOCK_ELEMENTS // max(1, keys.shape[0]))
+    out = []
+    for start in range(0, rows, block):
+        stop = min(start + block, rows)
+        sims = queries[start:stop] @ keys.T  # (stop-start)×P_keys; freed after indexing
+        row = torch.arange(stop - start, device=index.device).unsqueeze(1)
+        flat = index[start:stop] + keys.shape[0] * row
+        out.append(sims.reshape(-1)[flat.reshape(-1)].view(stop - start, per_row))
+    return torch.cat(out)
+
+
+def _exact_negative_logits_pool(sample: RecoSample, q: Tensor) -> Tensor:
+    """Exact mode: each query's own M negatives, via similarities to the compacted key pool."""
+    num_anchor_classes, num_queries, dim = q.shape
+    num_pixels = sample.pixel_features.shape[0]
+    with torch.no_grad():
+        pool_index = torch.cat([sample.key_pixels, num_pixels + sample.bank_slots])
+        pool = gather_keys(sample, pool_index)  # P_keys×D
+        size = num_pixels + sample.bank_features.shape[0]
+        lookup = torch.full((size,), -1, dtype=torch.long, device=q.device)
+        lookup[pool_index] = torch.arange(pool_index.numel(), device=q.device)
+        index = lookup[sample.negative_index].reshape(num_anchor_classes * num_queries, -1)
+    neg = _exact_negative_logits(q.reshape(-1, dim), pool, index)
+    return neg.view(num_anchor_classes, num_queries, -1)
+
+
+def reco_loss_from_sample(features: Tensor, sample: RecoSample, temperature: float = 0.5) -> Tensor:
+    """ReCo's InfoNCE loss for a given draw: ``(1/K) Σ_c mean_q -log softmax([q·p_c, q·n_1..M] / τ)[0]``.
+
+    Gradients reach ``features`` only at the anchor pixels (keys come from ``sample`` without gradient).
+    """
+    if sample.anchor_index.numel() == 0:
+        return _zero_with_grad_path(features)
+    hw = features.shape[2] * features.shape[3]
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        # N×(h·w)×D view: each anchor row is one gather (and one scatter in backward).
+        img, spot = sample.anchor_index // hw, sample.anchor_index % hw
+        anchors = features.flatten(2).transpose(1, 2)[img, spot].float()  # A×Q×D
+        q = anchors / (torch.linalg.vector_norm(anchors, dim=-1, keepdim=True).clamp_min(1e-12) * temperature)
+        if sample.negative_index.dim() == 2 and temperature >= 0.05:
+            neg_keys = gather_keys(sample, sample.negative_index)  # A×M×D
+            per_query = _SharedInfoNCE.apply(q, sample.positive, neg_keys)
+        else:
+            pos = (q * sample.positive.unsqueeze(1)).sum(-1)  # A×Q
+            if sample.negative_index.dim() == 2:
+                neg = torch.bmm(q, gather_keys(sample, sample.negative_index).transpose(1, 2))
+            else:
+                neg = _exact_negative_logits_pool(sample, q)
+            per_query = torch.logaddexp(pos, torch.logsumexp(neg, dim=-1)) - pos
+        return per_query.mean(dim=1).sum() / sample.num_classes_present
+
+
+def reco_loss(
+    features: Tensor,
+    labels: Tensor,
+    valid: Tensor,
+    probs: Tensor,
+    strong_threshold: float = 0.97,
+    temperature: float = 0.5,
+    num_queries: int = 256,
+    num_negatives: int = 512,
+    memory: ClassMemoryBank | None = None,
+    shared_negatives: bool = True,
+    generator: torch.Generator | None = None,
+    bank_prototypes: bool = False,
+) -> Tensor:
+    """Regional contrastive loss (ReCo, Liu et al., ICLR 2022) as in DMTC; see the module docstring.
+
+    Args:
+        features: N×D×h×w projection-head output (normalised along D inside; must be finite).
+        labels: N×h×w class ids (long); only read where ``valid``.
+        valid: N×h×w bool; the caller builds it: ``labels != 255`` and, for pseudo-labeled pixels,
+            optionally ``confidence > 0.7`` (ReCo's weak threshold).
+        probs: N×C×h×w softmax probabilities (hard anchors: ``probs[label] < strong_threshold``).
+        strong_threshold, temperature, num_queries, num_negatives: ReCo's hyper-parameters
+            (DMTC: 0.97, 0.5, 256, 512).
+        memory: optional :class:`~dmtc.memory_bank.ClassMemoryBank`; negatives come from batch ∪ bank,
+            and bank-only classes can be negative classes. An empty bank gives exactly the batch-mode loss.
+        shared_negatives: share a class's M negatives among its queries (default) or draw per query.
+        generator: torch.Generator on the features' device for all sampling.
+        bank_prototypes: prototypes from batch ∪ bank instead of the batch alone.
+
+    Returns:
+        A float32 scalar; 0 (with a zero-gradient path to ``features``) if fewer than two classes are
+        present or no pixel is valid.
+    """
+    sample = sample_reco(
+        features, labels, valid, probs, strong_threshold, temperature, num_queries, num_negatives,
+        memory, shared_negatives, generator, bank_prototypes,
+    )
+    if sample is None:
+        return _zero_with_grad_path(features)
+    return reco_loss_from_sample(features, sample, temperature)
