@@ -51,7 +51,7 @@ def test_head_init_and_unknown_backbone():
     assert len(model.classifier.convs) == 2
     assert [c.dilation for c in model.classifier.convs] == [(6, 6), (12, 12)]
     assert all(float(c.bias.detach().abs().sum()) == 0.0 for c in model.classifier.convs)
-    assert 0.005 < float(model.classifier.convs[0].weight.std()) < 0.02
+    assert 0.005 < float(model.classifier.convs[0].weight.detach().std()) < 0.02
     with pytest.raises(DMTCError, match="resnet_tiny"):
         deeplab_v2(4, "resnet7")
 
