@@ -1,0 +1,89 @@
+"""Segmentation datasets: opencv decoding into tv_tensors, then a joint v2 transform."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+from dmtc.data.layouts import DatasetLayout
+from dmtc.errors import DMTCError
+
+# Decoding runs inside DataLoader workers: keep opencv single-threaded there.
+cv2.setNumThreads(0)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Decode an image file to an H×W×3 uint8 RGB array; a missing or corrupt file is a DMTCError."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise DMTCError(f"cannot read image {path}: the file is missing or corrupt; restore or re-download it")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_label(path: Path, label_map: np.ndarray | None = None) -> np.ndarray:
+    """Decode a single-channel label PNG to H×W uint8 class ids, mapped through ``label_map`` if given."""
+    label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if label is None:
+        raise DMTCError(f"cannot read label {path}: the file is missing or corrupt; restore or re-download it")
+    if label.ndim != 2 or label.dtype != np.uint8:
+        raise DMTCError(
+            f"label {path} has shape {label.shape} and dtype {label.dtype}: dmtc expects single-channel 8-bit "
+            "PNGs holding class ids (255 = ignore)"
+        )
+    if label_map is not None:
+        label = label_map[label]
+    return label
+
+
+class SegmentationDataset(Dataset):
+    """Images (and labels) of ``names`` in ``subset`` of a layout.
+
+    Each item is ``{"image": float C×H×W, "label": int64 H×W (255 = ignore), "name": str,
+    "size": int64 (H, W) of the decoded image}``. Without labels (``with_labels=False``) the label is all
+    255, so unlabeled images can share collation with labeled ones.
+    """
+
+    def __init__(
+        self,
+        layout: DatasetLayout,
+        subset: str,
+        names: Sequence[str],
+        transform: Callable[..., Any],
+        *,
+        with_labels: bool = True,
+    ) -> None:
+        self.layout, self.subset, self.names = layout, subset, list(names)
+        self.transform, self.with_labels = transform, with_labels
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        name = self.names[index]
+        image = read_image(self.layout.image_path(self.subset, name))
+        if self.with_labels:
+            label = read_label(self.layout.label_path(self.subset, name), self.layout.label_map)
+            if label.shape != image.shape[:2]:
+                raise DMTCError(
+                    f"label {self.layout.label_path(self.subset, name)} is {label.shape[1]}×{label.shape[0]} but "
+                    f"its image is {image.shape[1]}×{image.shape[0]}: image and label must have the same size"
+                )
+        else:
+            label = np.full(image.shape[:2], 255, dtype=np.uint8)
+        size = torch.tensor(image.shape[:2], dtype=torch.int64)
+        image_t = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))
+        label_t = tv_tensors.Mask(torch.from_numpy(label))
+        image_t, label_t = self.transform(image_t, label_t)
+        return {
+            "image": image_t.as_subclass(torch.Tensor),
+            "label": label_t.as_subclass(torch.Tensor).long(),
+            "name": name,
+            "size": size,
+        }

@@ -1,0 +1,106 @@
+"""Joint image/label transforms on ``torchvision.transforms.v2``.
+
+Images travel as ``tv_tensors.Image`` and labels as ``tv_tensors.Mask``, so every geometric transform is
+applied to both with the right interpolation (labels always nearest, never interpolated). Training follows
+DeepLab/DMT augmentation (DMT §4.1): optional base resize (Cityscapes 512×1024), random scale in
+``scale_range``, normalisation, random crop padded with 0 for the (normalised) image and 255 (ignore) for
+the label, horizontal flip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+IGNORE_INDEX = 255
+
+
+class RandomScale(v2.Transform):
+    """Resize image and mask by one random factor ``s ~ U(low, high)`` (image bilinear, mask nearest)."""
+
+    def __init__(self, low: float, high: float) -> None:
+        super().__init__()
+        if not 0 < low <= high:
+            raise ValueError(f"scale range must satisfy 0 < low <= high, got ({low}, {high})")
+        self.low, self.high = float(low), float(high)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:  # noqa: D102
+        height, width = v2.query_size(flat_inputs)
+        scale = self.low + (self.high - self.low) * torch.rand(()).item()
+        return {"size": [max(1, round(height * scale)), max(1, round(width * scale))]}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:  # noqa: D102
+        return F.resize(inpt, params["size"], antialias=True)
+
+
+class ToModelInput(v2.Transform):
+    """uint8 image → normalised float tensor; mask → int64 (labels keep their values).
+
+    ``value_scale`` 1/255 gives [0, 1] inputs (ImageNet init: RGB, ImageNet mean/std); ``value_scale`` 1
+    with ``bgr=True`` gives Caffe-style inputs (COCO init of DeepLab-v2: BGR, 0–255, mean subtracted).
+    Output = ``(x * value_scale - mean) / std`` per channel.
+    """
+
+    def __init__(
+        self, mean: Sequence[float], std: Sequence[float], *, bgr: bool = False, value_scale: float = 1 / 255
+    ) -> None:
+        super().__init__()
+        self.mean, self.std = list(mean), list(std)
+        self.bgr, self.value_scale = bgr, float(value_scale)
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:  # noqa: D102
+        if isinstance(inpt, tv_tensors.Mask):
+            return tv_tensors.wrap(inpt.to(torch.int64), like=inpt)
+        if isinstance(inpt, tv_tensors.Image):
+            image = inpt.as_subclass(torch.Tensor).to(torch.float32) * self.value_scale
+            if self.bgr:
+                image = image.flip(-3)
+            image = F.normalize(image, self.mean, self.std)
+            return tv_tensors.Image(image)
+        return inpt
+
+
+def build_train_transform(
+    *,
+    crop_size: Sequence[int],
+    scale_range: Sequence[float],
+    mean: Sequence[float],
+    std: Sequence[float],
+    base_size: Sequence[int] | None = None,
+    flip: bool = True,
+    bgr: bool = False,
+    value_scale: float = 1 / 255,
+) -> v2.Compose:
+    """Training transform: [base resize] → random scale → normalise → crop (pad 0 / 255) → flip."""
+    steps: list[v2.Transform] = []
+    if base_size is not None:
+        steps.append(v2.Resize(list(base_size), antialias=True))
+    steps.append(RandomScale(*scale_range))
+    steps.append(ToModelInput(mean, std, bgr=bgr, value_scale=value_scale))
+    steps.append(
+        v2.RandomCrop(list(crop_size), pad_if_needed=True, fill={tv_tensors.Image: 0.0, tv_tensors.Mask: IGNORE_INDEX})
+    )
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps)
+
+
+def build_eval_transform(
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    base_size: Sequence[int] | None = None,
+    bgr: bool = False,
+    value_scale: float = 1 / 255,
+) -> v2.Compose:
+    """Evaluation transform: [base resize (labels nearest)] → normalise; no randomness."""
+    steps: list[v2.Transform] = []
+    if base_size is not None:
+        steps.append(v2.Resize(list(base_size), antialias=True))
+    steps.append(ToModelInput(mean, std, bgr=bgr, value_scale=value_scale))
+    return v2.Compose(steps)
