@@ -1,6 +1,10 @@
 """The embedded synthetic dataset: rendering, on-disk layout, determinism, caching and atomic writes."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -186,6 +190,20 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".syn.tmp-*"))
 
 
+def test_stale_temp_folders_of_dead_processes_are_removed(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = tmp_path / f".syn.tmp-{host}-{dead.pid}-0123abcd"
+    running = tmp_path / f".syn.tmp-{host}-{os.getpid()}-0123abcd"
+    elsewhere = tmp_path / f".syn.tmp-{host}x-{dead.pid}-0123abcd"
+    for folder in (stale, running, elsewhere):
+        (folder / "images").mkdir(parents=True)
+    generate_synthetic(tmp_path / "syn", SMALL, workers=1)
+    assert not stale.exists()
+    assert running.exists() and elsewhere.exists()
+
+
 def test_concurrent_generation(tmp_path, small_root):
     root = tmp_path / "syn"
     with ThreadPoolExecutor(3) as pool:
@@ -193,6 +211,8 @@ def test_concurrent_generation(tmp_path, small_root):
     assert results == [root] * 3
     assert _files(root) == _files(small_root)
     assert not list(tmp_path.glob(".syn.tmp-*"))
+    # Everything but the dataset and its lock file is cleaned up.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".syn.lock", "syn"]
 
 
 @pytest.mark.parametrize(

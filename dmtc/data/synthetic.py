@@ -26,6 +26,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
@@ -451,17 +452,40 @@ def _check_replaceable(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def _locked(root: Path) -> Iterator[bool]:
-    """Hold an exclusive lock on a sibling lock file (POSIX); yields whether a lock is held."""
+def _locked(root: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the hidden sibling file ``.<root name>.lock`` (POSIX only)."""
     if fcntl is None:
-        yield False
+        yield
         return
     with open(root.parent / f".{root.name}.lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield True
+            yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _temp_sibling(root: Path) -> Path:
+    """A fresh hidden sibling of ``root`` named after this host and process (see :func:`_is_stale`)."""
+    return root.parent / f".{root.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _is_stale(path: Path, name: str) -> bool:
+    """Whether ``path`` is a temporary folder of a process of this host that no longer runs.
+
+    Folders of other hosts (a shared file system) are left alone: their writer may still be running.
+    """
+    host_pid, _, _ = path.name[len(f".{name}.tmp-"):].rpartition("-")
+    host, _, pid = host_pid.rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive but not ours to signal
+        return False
+    return False
 
 
 def _remove(path: Path, ignore_errors: bool = True) -> None:
@@ -493,22 +517,22 @@ def generate_synthetic(root: str | Path, spec: SyntheticSpec = DEFAULT_SPEC, *, 
         total = spec.num_train + spec.num_val
         workers = min(2, os.cpu_count() or 1) if total >= 64 else 1
 
-    with _locked(root) as exclusive:
+    with _locked(root):
         if _matches(root, expected):  # another process finished while we waited
             return root
         if root.exists():
             _check_replaceable(root)
-        if exclusive:  # leftovers of interrupted runs; nobody else can be writing them now
-            for stale in root.parent.glob(f".{root.name}.tmp-*"):
+        for stale in root.parent.glob(f".{root.name}.tmp-*"):  # leftovers of killed runs on this host
+            if _is_stale(stale, root.name):
                 _remove(stale)
-        tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = _temp_sibling(root)
         try:
             _write_dataset(tmp, spec, seed, workers)
             for _ in range(3):
                 if _matches(root, expected):
                     return root
                 if root.exists():
-                    trash = root.parent / f".{root.name}.tmp-old-{uuid.uuid4().hex[:8]}"
+                    trash = _temp_sibling(root)
                     with contextlib.suppress(FileNotFoundError):
                         os.rename(root, trash)
                     _remove(trash)
