@@ -323,6 +323,28 @@ class _SharedInfoNCE(torch.autograd.Function):
         return grad_q, None, None
 
 
+class _AnchorRows(torch.autograd.Function):
+    """Anchor rows read from the sample's pixel-major copy (a fast contiguous gather), with the gradient
+    scattered back into ``features``' N×D×h×w layout (accumulating over repeated anchors)."""
+
+    @staticmethod
+    def forward(ctx, features: Tensor, pixel_features: Tensor, index: Tensor) -> Tensor:  # noqa: ANN001
+        ctx.save_for_backward(index)
+        ctx.shape, ctx.dtype = features.shape, features.dtype
+        return pixel_features.index_select(0, index.reshape(-1)).view(*index.shape, -1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: ANN001
+        (index,) = ctx.saved_tensors
+        n, dim, h, w = ctx.shape
+        out = torch.zeros(n, dim, h * w, dtype=ctx.dtype, device=grad.device)
+        flat = index.reshape(-1)
+        out.transpose(1, 2).index_put_(
+            (flat // (h * w), flat % (h * w)), grad.reshape(-1, dim).to(ctx.dtype), accumulate=True
+        )
+        return out.view(n, dim, h, w), None, None
+
+
 def _exact_negative_logits(queries: Tensor, keys: Tensor, index: Tensor) -> Tensor:
     """``queries[r] · keys[index[r, m]]`` for R×D queries and R×M indices, in memory-bounded blocks."""
     rows, per_row = index.shape
@@ -355,15 +377,13 @@ def _exact_negative_logits_pool(sample: RecoSample, q: Tensor) -> Tensor:
 def reco_loss_from_sample(features: Tensor, sample: RecoSample, temperature: float = 0.5) -> Tensor:
     """ReCo's InfoNCE loss for a given draw: ``(1/K) Σ_c mean_q -log softmax([q·p_c, q·n_1..M] / τ)[0]``.
 
-    Gradients reach ``features`` only at the anchor pixels (keys come from ``sample`` without gradient).
+    ``sample`` must come from :func:`sample_reco` on these ``features`` (anchor values are read from its
+    copy of them). Gradients reach ``features`` only at the anchor pixels (keys carry no gradient).
     """
     if sample.anchor_index.numel() == 0:
         return _zero_with_grad_path(features)
-    hw = features.shape[2] * features.shape[3]
     with torch.autocast(device_type=features.device.type, enabled=False):
-        # N×(h·w)×D view: each anchor row is one gather (and one scatter in backward).
-        img, spot = sample.anchor_index // hw, sample.anchor_index % hw
-        anchors = features.flatten(2).transpose(1, 2)[img, spot].float()  # A×Q×D
+        anchors = _AnchorRows.apply(features, sample.pixel_features, sample.anchor_index)  # A×Q×D float32
         q = anchors / (torch.linalg.vector_norm(anchors, dim=-1, keepdim=True).clamp_min(1e-12) * temperature)
         if sample.negative_index.dim() == 2 and temperature >= 0.05:
             neg_keys = gather_keys(sample, sample.negative_index)  # A×M×D
