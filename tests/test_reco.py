@@ -329,6 +329,17 @@ def test_same_generator_seed_is_reproducible_and_seeds_differ():
     assert torch.isfinite(reco_loss(features, labels, valid, probs))  # global RNG when no generator
 
 
+def test_low_precision_features_give_float32_loss_and_matching_grad_dtype():
+    features, labels, valid, probs = make_batch(seed=16)
+    half = features.detach().to(torch.bfloat16).requires_grad_(True)
+    loss = reco_loss(half, labels, valid, probs, num_queries=8, num_negatives=8, generator=gen(0))
+    ref = reco_loss(half.detach().float(), labels, valid, probs, num_queries=8, num_negatives=8, generator=gen(0))
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref)
+    (grad,) = torch.autograd.grad(loss, half)
+    assert grad.dtype == torch.bfloat16 and torch.isfinite(grad).all()
+
+
 def test_downsample_nearest_picks_one_source_pixel_for_all_three():
     n, num_classes, big_h, big_w = 2, 3, 12, 20
     labels = torch.randint(0, num_classes, (n, big_h, big_w))

@@ -40,6 +40,19 @@ instead upsamples the features to crop resolution, which is much more expensive.
 
 Sampling is a separate step (:func:`sample_reco` → :class:`RecoSample` of indices) so tests can evaluate
 the same draw two ways; :func:`reco_loss` = :func:`sample_reco` + :func:`reco_loss_from_sample`.
+
+Usage in a training step (one bank shared by the step, kept on the features' device)::
+
+    feats = proj_head(x)                                    # N×D×h×w
+    lab, ok, p = downsample_nearest(labels, valid, probs, feats.shape[2:])
+    loss = reco_loss(feats, lab, ok, p, memory=bank)        # keys from batch ∪ bank
+    bank.enqueue(*select_pixels(feats, lab, ok), max_per_class=...)   # after the loss: no self-keys
+
+Implementation notes: no Python loop over pixels, queries or classes (per-class index ranges come from
+sorting by class, draws from float64 uniforms: inverse-CDF for classes, ``floor(u·count)`` for members);
+the shared mode's InfoNCE has a hand-written backward so its A×Q×M block is made once (used for τ ≥ 0.05,
+where |logit| ≤ 1/τ ≤ 20 needs no max-shift; smaller τ takes a logsumexp path). A few ``int(...)``
+reads of small tensors synchronise with a GPU once per call.
 """
 
 from __future__ import annotations
@@ -50,6 +63,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from dmtc.memory_bank import ClassMemoryBank
 
@@ -315,6 +329,7 @@ class _SharedInfoNCE(torch.autograd.Function):
         return total.log() - pos
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: ANN001
         pos_key, neg_keys, neg_exp, pos_exp, total = ctx.saved_tensors
         scale = grad / total  # d/dlogit_m = exp(logit_m) / total
@@ -334,6 +349,7 @@ class _AnchorRows(torch.autograd.Function):
         return pixel_features.index_select(0, index.reshape(-1)).view(*index.shape, -1)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: ANN001
         (index,) = ctx.saved_tensors
         n, dim, h, w = ctx.shape
