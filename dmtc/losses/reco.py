@@ -49,7 +49,8 @@ Usage in a training step (one bank shared by the step, kept on the features' dev
     bank.enqueue(*select_pixels(feats, lab, ok), max_per_class=...)   # after the loss: no self-keys
 
 Implementation notes: no Python loop over pixels, queries or classes (per-class index ranges come from
-sorting by class, draws from float64 uniforms: inverse-CDF for classes, ``floor(u·count)`` for members);
+sorting by class, draws from float64 uniforms: inverse-CDF for classes, ``floor(u·count)`` for members;
+only the exact mode loops over blocks of queries to bound memory);
 the shared mode's InfoNCE has a hand-written backward so its A×Q×M block is made once (used for τ ≥ 0.05,
 where |logit| ≤ 1/τ ≤ 20 needs no max-shift; smaller τ takes a logsumexp path). A few ``int(...)``
 reads of small tensors synchronise with a GPU once per call.
