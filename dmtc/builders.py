@@ -177,18 +177,41 @@ def build_module(cfg: DictConfig, models: dict[str, Any]) -> SegmentationModule:
     )
 
 
-def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
-    """Lightning Trainer from ``cfg.trainer`` with the configured callbacks and loggers."""
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    """The configured Lightning loggers, with the composed config logged as hyperparameters.
+
+    Build them once per run: DMT passes the same instances to every phase's Trainer (one W&B run).
+    """
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return loggers
+
+
+def build_trainer(
+    cfg: DictConfig,
+    *,
+    loggers: list[Any] | None = None,
+    exclude_callbacks: tuple[str, ...] = (),
+    extra_callbacks: list[Any] | None = None,
+    **overrides: Any,
+) -> L.Trainer:
+    """Lightning Trainer from ``cfg.trainer`` with the configured callbacks and loggers.
+
+    ``loggers`` reuses logger instances (else they are built from ``cfg.logger``); ``exclude_callbacks``
+    names ``cfg.callbacks`` entries to leave out and ``extra_callbacks`` adds instances (DMT's per-model
+    checkpoints); ``overrides`` replace ``cfg.trainer`` arguments.
+    """
+    if loggers is None:
+        loggers = build_loggers(cfg)
     callbacks = []
     for name, node in (cfg.get("callbacks") or {}).items():
-        if node is None:
+        if node is None or name in exclude_callbacks:
             continue
         if name == "lr_monitor" and not loggers:
             continue  # LearningRateMonitor refuses to run without a logger
         callbacks.append(instantiate(node))
-    for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    callbacks.extend(extra_callbacks or [])
     kwargs: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False}
     kwargs.update(overrides)
     return instantiate(cfg.trainer, **kwargs)

@@ -140,3 +140,74 @@ class SegmentationModule(L.LightningModule):
             optimizer, lambda step: poly_factor(step, total, self.poly_power)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class MutualTrainingModule(SegmentationModule):
+    """DMT's model pair A/B (Feng et al., Pattern Recognition 2022, §3 and Algorithm 1).
+
+    ``stage="warmup"`` (phase 0): both models learn the labeled batch with cross-entropy.
+    ``stage="mutual"`` (phases 1..K): a batch is ``{"labeled": {image, label}, "unlabeled": {image,
+    label_a, conf_a, label_b, conf_b}}`` where ``label_x``/``conf_x`` are model x's stored pseudo labels
+    (thresholded at load time by the class-balanced curriculum) and confidences. Labeled and unlabeled
+    images are concatenated once and each model runs once; A's targets are the ground truth plus **B's**
+    pseudo labels (weighted by B's stored confidence in the dynamic mutual loss), B's the ground truth plus
+    **A's**. The two losses are summed for one backward, so one optimizer step (with per-model poly
+    schedules in the param groups) advances ``global_step`` by one per batch.
+
+    Loss statistics (disagreement rate, current-model-wins rate, mean weight) are logged as tensors:
+    no host synchronisation per step. ``step_offset`` shifts the step axis of the loggers so one logger
+    run covers all phases without restarting at 0 (Lightning logs at ``_batches_that_stepped``).
+    """
+
+    def __init__(
+        self,
+        models: Mapping[str, nn.Module],
+        *,
+        stage: str = "warmup",
+        gamma1: float = 3.0,
+        gamma2: float = 3.0,
+        step_offset: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        if set(models) != {"a", "b"}:
+            raise ValueError(f"MutualTrainingModule needs models 'a' and 'b', got {sorted(models)}")
+        if stage not in ("warmup", "mutual"):
+            raise ValueError(f"stage must be 'warmup' or 'mutual', got {stage!r}")
+        super().__init__(models, **kwargs)
+        self.stage, self.gamma1, self.gamma2 = stage, float(gamma1), float(gamma2)
+        self.step_offset = int(step_offset)
+        self.hparams.update({"stage": stage, "gamma1": self.gamma1, "gamma2": self.gamma2})
+
+    def on_train_start(self) -> None:  # noqa: D102
+        # One continuous logged step axis across phases (W&B needs monotonic steps). On resume the loop
+        # state restored from last.ckpt already includes the offset.
+        loop = self.trainer.fit_loop.epoch_loop
+        loop._batches_that_stepped = max(loop._batches_that_stepped, self.step_offset + self.global_step)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:  # noqa: D102
+        if self.stage == "warmup":
+            return super().training_step(batch, batch_idx)
+        from dmtc.losses.mutual import dynamic_mutual_loss_with_stats
+
+        lab, unl = batch["labeled"], batch["unlabeled"]
+        n_lab, n_unl = lab["image"].shape[0], unl["image"].shape[0]
+        images = torch.cat([lab["image"], unl["image"]])
+        is_pseudo = torch.cat([
+            torch.zeros(n_lab, dtype=torch.bool, device=images.device),
+            torch.ones(n_unl, dtype=torch.bool, device=images.device),
+        ])
+        ones = torch.ones_like(lab["label"], dtype=torch.float32)
+        total = images.new_zeros(())
+        for key, other in (("a", "b"), ("b", "a")):
+            labels = torch.cat([lab["label"], unl[f"label_{other}"]])
+            confidence = torch.cat([ones, unl[f"conf_{other}"].float()])
+            logits = upsample_to(self.models[key](images)["logits"], labels.shape[-2:])
+            loss, stats = dynamic_mutual_loss_with_stats(
+                logits, labels, confidence, is_pseudo, self.gamma1, self.gamma2, self.ignore_index
+            )
+            bs = images.shape[0]
+            self.log(f"train/{key}/loss", loss, prog_bar=True, batch_size=bs)
+            for name, value in stats.items():
+                self.log(f"train/{key}/{name}", value, batch_size=bs)
+            total = total + loss
+        return total

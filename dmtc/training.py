@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from dmtc.builders import build_datamodule, build_model, build_module, build_trainer
+from dmtc.errors import DMTCError
 from dmtc.results import format_table, write_json
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,19 @@ def _checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint | None:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run the configured method (``method.name``): ``supervised`` here, ``dmt`` in
+    :func:`dmtc.pipeline.run_dmt`; return (and write) the results dictionary."""
+    method = str(cfg.method.name)
+    if method == "dmt":
+        from dmtc.pipeline import run_dmt
+
+        return run_dmt(cfg)
+    if method != "supervised":
+        raise DMTCError(f"method={method!r} is not implemented; choose supervised or dmt")
+    return train_supervised(cfg)
+
+
+def train_supervised(cfg: DictConfig) -> dict[str, Any]:
     """Run supervised training as configured; return (and write) the results dictionary."""
     output_dir = Path(cfg.paths.output_dir)
     results_path = output_dir / "results.json"

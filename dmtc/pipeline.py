@@ -1,0 +1,372 @@
+"""The DMT protocol end to end (Feng et al., "DMT: Dynamic Mutual Training for Semi-Supervised
+Learning", Pattern Recognition 2022, §3 and Algorithm 1).
+
+``run_dmt(cfg)`` (``python train.py method=dmt``):
+
+1. **Warm-up (phase 0):** models A and B, initialised differently (``method.pair_init``), learn the
+   labeled split with cross-entropy, side by side on the same batches (the dataset's supervised schedule).
+2. **Phases k = 1..K** with label ratios r_k (``method.ratios``, default 0.2 … 1.0): each model of phase
+   k-1 labels the unlabeled split once (a store of argmax labels + confidences and a per-class confidence
+   histogram); thresholds keeping the top r_k of each class's pixels come from the histogram and are
+   applied at load time; A is trained on the labeled batches + **B's** pseudo labels and B on **A's**
+   with the dynamic mutual loss (γ1, γ2), both from their phase k-1 best weights with a fresh SGD + poly
+   schedule (``method.phase``).
+
+Every phase lives in a sub-folder of the run dir (``phase0_warmup/``, ``phase1_r0.2/``, …) holding
+``checkpoints/`` (best-by-val checkpoint per model, ``last.ckpt``), ``pseudo_a/``, ``pseudo_b/`` and
+``done.json``, written atomically once the phase is finished and validated. Rerunning the same command
+skips finished phases, reuses complete pseudo-label stores (manifest written last) and resumes an
+unfinished phase from Lightning's ``last.ckpt``. One set of logger instances serves all phases, on one
+continuous step axis.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig
+from torch import nn
+
+from dmtc.builders import build_datamodule, build_loggers, build_model, build_trainer, input_normalization
+from dmtc.data.pseudo import PseudoLabeledDataset, build_phase_loader
+from dmtc.data.transforms import build_train_transform
+from dmtc.errors import DMTCError
+from dmtc.labeling import label_images, labeling_transform, pseudo_label_summary
+from dmtc.models import load_dmt_checkpoint
+from dmtc.module import ENSEMBLE, MutualTrainingModule
+from dmtc.results import write_json
+
+log = logging.getLogger(__name__)
+
+PAIR = ("a", "b")
+DONE = "done.json"
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One step of the protocol: index (0 = warm-up), label ratio (None for warm-up), folder name."""
+
+    index: int
+    ratio: float | None
+
+    @property
+    def name(self) -> str:
+        return "phase0_warmup" if self.ratio is None else f"phase{self.index}_r{self.ratio:g}"
+
+
+def phases_of(cfg: DictConfig) -> list[Phase]:
+    """Warm-up then one phase per ratio of ``method.ratios`` (each in (0, 1])."""
+    ratios = [float(r) for r in cfg.method.ratios]
+    bad = [r for r in ratios if not 0.0 < r <= 1.0]
+    if bad:
+        raise DMTCError(f"method.ratios must lie in (0, 1]; got {bad}")
+    return [Phase(0, None)] + [Phase(i + 1, r) for i, r in enumerate(ratios)]
+
+
+def build_pair(cfg: DictConfig) -> dict[str, nn.Module]:
+    """Models A and B as ``method.pair_init`` says; ``seeds``: the same init recipe under two seeds."""
+    mode = str(cfg.method.get("pair_init", "seeds"))
+    if mode == "seeds":
+        seeds = [int(s) for s in cfg.method.seeds]
+        if len(seeds) != 2 or seeds[0] == seeds[1]:
+            raise DMTCError(f"method.seeds={seeds}: pair_init=seeds needs two different seeds for A and B")
+        models = {}
+        for key, seed in zip(PAIR, seeds):
+            torch.manual_seed(int(cfg.seed) + seed)
+            models[key] = build_model(cfg)
+        return models
+    if mode in ("inits", "subsets"):
+        what = ("two init sources (e.g. A from COCO, B from ImageNet weights)" if mode == "inits"
+                else "two labeled subsets by difference-maximized sampling (DMS -l/-r lists)")
+        raise DMTCError(f"method.pair_init={mode} ({what}) is not available yet: it needs the real datasets' "
+                        "weights and lists; use method.pair_init=seeds")
+    raise DMTCError(f"method.pair_init={mode!r}: choose seeds, inits or subsets")
+
+
+def _rank_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0 and (
+        not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    )
+
+
+def _read_done(run_dir: Path, phase: Phase) -> dict[str, Any] | None:
+    """The phase's done record if it is complete and consistent (its checkpoints exist), else None."""
+    path = run_dir / phase.name / DONE
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        ok = (record["phase"] == phase.index and record["ratio"] == phase.ratio
+              and all((run_dir / record["checkpoints"][k]).is_file() for k in PAIR))
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        log.warning("ignoring inconsistent %s: the phase will be (re)run", path)
+        return None
+    return record
+
+
+def _checkpoint_callbacks(phase_dir: Path) -> dict[str, ModelCheckpoint]:
+    """Best-by-val checkpoint per model (monitor ``val/<key>/miou``); A's callback also keeps last.ckpt."""
+    return {
+        key: ModelCheckpoint(
+            dirpath=phase_dir / "checkpoints",
+            filename=f"best-{key}-step{{step}}-miou{{val/{key}/miou:.2f}}",
+            auto_insert_metric_name=False,
+            monitor=f"val/{key}/miou",
+            mode="max",
+            save_top_k=1,
+            save_last=(key == "a"),
+        )
+        for key in PAIR
+    }
+
+
+def _optim_kwargs(cfg: DictConfig, lr: float) -> dict[str, Any]:
+    return {
+        "num_classes": int(cfg.dataset.num_classes),
+        "class_names": list(cfg.dataset.class_names),
+        "lr": float(lr),
+        "momentum": cfg.optim.momentum,
+        "weight_decay": cfg.optim.weight_decay,
+        "poly_power": cfg.optim.poly_power,
+        "head_lr_mult": cfg.optim.head_lr_mult,
+    }
+
+
+def _rel(path: str | Path, root: Path) -> str:
+    return os.path.relpath(Path(path).resolve(), root.resolve())
+
+
+class _Context:
+    """What every phase needs: config, run dir, data, the pair, loggers."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.paths.output_dir)
+        self.datamodule, self.split = build_datamodule(cfg)
+        if not self.split.unlabeled:
+            raise DMTCError(f"split={cfg.split} labels every training image: DMT needs unlabeled images "
+                            "(use split=8, 20, ... or method=supervised)")
+        ds = cfg.dataset
+        self.layout = self.datamodule.layout
+        self.layout.check_files(ds.train_subset, self.split.unlabeled, labels=False)
+        self.models = build_pair(cfg)
+        self.loggers = build_loggers(cfg)
+
+
+def _fit_phase(ctx: _Context, phase: Phase, step_offset: int, pseudo: dict[str, Any] | None,
+               loaders: tuple[Any, Any] | None) -> dict[str, Any]:
+    """Train (or resume) one phase, re-validate the best A and best B, write and return its record."""
+    cfg, run_dir = ctx.cfg, ctx.run_dir
+    phase_dir = run_dir / phase.name
+    start = time.perf_counter()
+    callbacks = _checkpoint_callbacks(phase_dir)
+    if phase.ratio is None:
+        module = MutualTrainingModule(ctx.models, stage="warmup", step_offset=step_offset,
+                                      **_optim_kwargs(cfg, cfg.optim.lr))
+        overrides: dict[str, Any] = {}
+    else:
+        p = cfg.method.phase
+        module = MutualTrainingModule(ctx.models, stage="mutual", gamma1=p.gamma1, gamma2=p.gamma2,
+                                      step_offset=step_offset, **_optim_kwargs(cfg, p.lr))
+        overrides = {"max_epochs": int(p.epochs), "max_steps": int(p.max_steps), "num_sanity_val_steps": 0,
+                     "val_check_interval": p.val_check_interval, "check_val_every_n_epoch": 1}
+    trainer = build_trainer(cfg, loggers=ctx.loggers, exclude_callbacks=("model_checkpoint",),
+                            extra_callbacks=list(callbacks.values()), default_root_dir=str(phase_dir), **overrides)
+    last = phase_dir / "checkpoints" / "last.ckpt"
+    resume = str(last) if last.is_file() else None
+    if resume:
+        log.info("%s: resuming from %s", phase.name, resume)
+    if phase.ratio is None:
+        trainer.fit(module, datamodule=ctx.datamodule, ckpt_path=resume)
+    else:
+        train_loader = loaders[0](trainer.world_size) if loaders else None
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=ctx.datamodule.val_dataloader(),
+                    ckpt_path=resume)
+
+    best: dict[str, str] = {}
+    for key, cb in callbacks.items():
+        path = cb.best_model_path or callbacks["a"].last_model_path
+        if not path or not Path(path).is_file():
+            raise DMTCError(f"{phase.name}: no checkpoint of model {key} was written; validation must run at "
+                            "least once per phase (check trainer.limit_val_batches / val_check_interval)")
+        best[key] = path
+        load_dmt_checkpoint(ctx.models[key], path, model_key=key, allow_head_mismatch=False)
+    trainer.validate(module, dataloaders=ctx.datamodule.val_dataloader(), verbose=False)
+    val = {k: dict(module.val_summaries[k]) for k in (*PAIR, ENSEMBLE)}
+    steps = int(trainer.global_step)
+    record = {
+        "phase": phase.index,
+        "name": phase.name,
+        "ratio": phase.ratio,
+        "steps": steps,
+        "step_start": step_offset,
+        "step_end": step_offset + steps,
+        "checkpoints": {k: _rel(v, run_dir) for k, v in best.items()},
+        "val": val,
+        "pseudo": pseudo,
+        "wall_time_s": round(time.perf_counter() - start, 1),
+    }
+    if trainer.is_global_zero:
+        write_json(phase_dir / DONE, record)
+        log.info("%s done: mIoU A %.2f, B %.2f, ensemble %.2f", phase.name, val["a"]["miou"], val["b"]["miou"],
+                 val[ENSEMBLE]["miou"])
+    return record
+
+
+def _label_phase(ctx: _Context, phase: Phase, prev: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """Label the unlabeled split with both phase k-1 models; thresholds for r_k; the phase's loader."""
+    cfg, run_dir, ds = ctx.cfg, ctx.run_dir, ctx.cfg.dataset
+    phase_dir = run_dir / phase.name
+    transform = labeling_transform(cfg)
+    stores, thresholds, summaries = {}, {}, {}
+    start = time.perf_counter()
+    for key in PAIR:
+        store, hist, reused = label_images(
+            ctx.models[key], ctx.layout, ds.train_subset, ctx.split.unlabeled, phase_dir / f"pseudo_{key}",
+            meta={"model": key, "source": prev["checkpoints"][key], "phase": phase.index},
+            num_classes=int(ds.num_classes), transform=transform, batch_size=int(ds.val_batch_size),
+            num_workers=int(ds.num_workers),
+        )
+        stores[key], thresholds[key] = store, hist.thresholds(float(phase.ratio))
+        quality = bool(cfg.method.get("pseudo_quality", True))
+        summaries[key] = pseudo_label_summary(
+            store, hist, thresholds[key], list(ds.class_names), float(phase.ratio),
+            layout=ctx.layout if quality else None, subset=ds.train_subset,
+        )
+        summaries[key]["reused"] = reused
+    log.info("%s: pseudo labels ready in %.1fs (kept A %.1f%%, B %.1f%% of pixels)", phase.name,
+             time.perf_counter() - start, 100 * summaries["a"]["kept_fraction"], 100 * summaries["b"]["kept_fraction"])
+
+    norm = input_normalization(cfg)
+    base_size = list(ds.base_size) if ds.get("base_size") else None
+    train_tf = build_train_transform(crop_size=list(ds.crop_size), scale_range=list(ds.scale_range),
+                                     base_size=base_size, flip=ds.flip, **norm)
+    unlabeled = PseudoLabeledDataset(ctx.layout, ds.train_subset, ctx.split.unlabeled, stores, thresholds, train_tf)
+    labeled = ctx.datamodule.train_dataset()
+    p = cfg.method.phase
+
+    def make_loader(world_size: int) -> Any:
+        return build_phase_loader(labeled, unlabeled, labeled_batch_size=int(p.labeled_batch_size),
+                                  unlabeled_batch_size=int(p.unlabeled_batch_size),
+                                  num_workers=int(ds.num_workers), world_size=world_size)
+
+    return summaries, make_loader
+
+
+def _final_results(cfg: DictConfig, ctx: _Context, records: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+    run_dir = ctx.run_dir
+    final = records[-1]
+    key = max(PAIR, key=lambda k: final["val"][k]["miou"])
+    checkpoints = {k: str((run_dir / final["checkpoints"][k]).resolve()) for k in PAIR}
+    phases = []
+    for rec in records:
+        phases.append({
+            "phase": rec["phase"], "name": rec["name"], "ratio": rec["ratio"], "steps": rec["steps"],
+            "val": rec["val"], "pseudo": rec["pseudo"],
+            "checkpoints": {k: str((run_dir / rec["checkpoints"][k]).resolve()) for k in PAIR},
+            "wall_time_s": rec["wall_time_s"],
+        })
+    return {
+        "task": "train",
+        "method": "dmt",
+        "dataset": cfg.dataset.name,
+        "split": str(cfg.split),
+        "sid": int(cfg.sid),
+        "seed": int(cfg.seed),
+        "backbone": cfg.backbone.name,
+        "pair_init": str(cfg.method.pair_init),
+        "ratios": [float(r) for r in cfg.method.ratios],
+        "model": key,
+        "miou": final["val"][key]["miou"],
+        "per_class_iou": final["val"][key]["per_class_iou"],
+        "checkpoint": checkpoints[key],
+        "checkpoints": checkpoints,
+        "ensemble_miou": final["val"][ENSEMBLE]["miou"],
+        "warmup_miou": {k: records[0]["val"][k]["miou"] for k in (*PAIR, ENSEMBLE)},
+        "phases": phases,
+        "num_labeled": len(ctx.split.labeled),
+        "num_unlabeled": len(ctx.split.unlabeled),
+        "num_val": len(ctx.split.val),
+        "steps": final["step_end"],
+        "wall_time_s": round(sum(r["wall_time_s"] for r in records), 1),
+        "this_run_wall_time_s": round(wall, 1),
+        "output_dir": str(run_dir.resolve()),
+    }
+
+
+def format_dmt_table(results: dict[str, Any]) -> str:
+    """Per-phase mIoU of A, B and their ensemble, then warm-up vs final."""
+    head = f"{'phase':<16}{'ratio':>6}{'A':>8}{'B':>8}{'A+B':>8}"
+    lines = [f"DMT {results['dataset']} split={results['split']} sid={results['sid']}: val mIoU (%)", head,
+             "-" * len(head)]
+    for ph in results["phases"]:
+        v = ph["val"]
+        ratio = "-" if ph["ratio"] is None else f"{ph['ratio']:g}"
+        lines.append(f"{ph['name']:<16}{ratio:>6}{v['a']['miou']:8.2f}{v['b']['miou']:8.2f}{v[ENSEMBLE]['miou']:8.2f}")
+    lines.append("-" * len(head))
+    w, f = results["phases"][0]["val"], results["phases"][-1]["val"]
+    for label, k in (("A", "a"), ("B", "b"), ("ensemble", ENSEMBLE)):
+        lines.append(f"{label:<9} warm-up {w[k]['miou']:6.2f} → final {f[k]['miou']:6.2f} "
+                     f"({f[k]['miou'] - w[k]['miou']:+.2f})")
+    lines.append(f"best model: {results['model'].upper()} ({results['miou']:.2f}) {results['checkpoint']}")
+    return "\n".join(lines)
+
+
+def run_dmt(cfg: DictConfig) -> dict[str, Any]:
+    """Run (or resume) the whole DMT protocol as configured; write and return ``results.json``."""
+    run_dir = Path(cfg.paths.output_dir)
+    results_path = run_dir / "results.json"
+    if results_path.is_file() and not cfg.get("overwrite", False):
+        log.info("%s exists: this run is finished (pass overwrite=true or another run dir to retrain)", results_path)
+        return json.loads(results_path.read_text())
+    phases = phases_of(cfg)
+    if cfg.get("overwrite", False) and _rank_zero():
+        results_path.unlink(missing_ok=True)
+        for phase in phases:
+            shutil.rmtree(run_dir / phase.name, ignore_errors=True)
+    start = time.perf_counter()
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    ctx = _Context(cfg)
+    log.info("DMT on %s split=%s sid=%s: %d labeled, %d unlabeled, %d val images; phases %s",
+             cfg.dataset.name, cfg.split, cfg.sid, len(ctx.split.labeled), len(ctx.split.unlabeled),
+             len(ctx.split.val), [p.name for p in phases])
+
+    records: list[dict[str, Any]] = []
+    pending: dict[str, str] | None = None  # checkpoints to load into the pair before the next phase runs
+    for phase in phases:
+        record = _read_done(run_dir, phase)
+        if record is not None:
+            log.info("%s finished earlier: skipping it (delete %s to retrain it)", phase.name,
+                     run_dir / phase.name / DONE)
+            records.append(record)
+            pending = record["checkpoints"]
+            continue
+        if pending is not None:
+            for key in PAIR:
+                load_dmt_checkpoint(ctx.models[key], run_dir / pending[key], model_key=key, allow_head_mismatch=False)
+        L.seed_everything(int(cfg.seed) + phase.index, workers=True, verbose=False)
+        step_offset = records[-1]["step_end"] if records else 0
+        pseudo, make_loader = (None, None) if phase.ratio is None else _label_phase(ctx, phase, records[-1])
+        record = _fit_phase(ctx, phase, step_offset, pseudo, (make_loader,) if make_loader else None)
+        records.append(record)
+        pending = None  # the pair now holds this phase's best weights
+
+    results = _final_results(cfg, ctx, records, time.perf_counter() - start)
+    if _rank_zero():
+        write_json(results_path, results)
+        print(format_dmt_table(results))
+        log.info("results written to %s", results_path)
+    return results
