@@ -7,7 +7,7 @@ instantiation of ``_target_`` nodes.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from dmtc.data.datamodule import SegmentationDataModule
 from dmtc.data.layouts import DatasetLayout
-from dmtc.data.splits import dmt_split, read_list, split_ratio, write_list
+from dmtc.data.splits import (
+    SBD_SPLIT,
+    dms_subset,
+    dmt_split,
+    parse_split,
+    read_list,
+    sbd_split,
+    split_ratio,
+    strip_template,
+    write_list,
+)
 from dmtc.data.transforms import build_eval_transform, build_train_transform
+from dmtc.data.validation import NameSet, allowed_label_values, check_folders, check_list_files, validate_dataset
 from dmtc.errors import DMTCError
 from dmtc.models import deeplab_v2
 from dmtc.module import SegmentationModule
@@ -34,6 +45,8 @@ class Split:
     labeled: list[str]
     unlabeled: list[str]
     val: list[str]
+    #: where each list came from ({"labeled": path or description, "unlabeled": ..., "val": ...})
+    sources: dict[str, str] = field(default_factory=dict)
 
 
 def prepare_dataset(cfg: DictConfig) -> None:
@@ -54,14 +67,30 @@ def prepare_dataset(cfg: DictConfig) -> None:
     generate_synthetic(Path(cfg.dataset.root), spec, seed=int(generate.seed))
 
 
+def label_map_table(cfg: DictConfig) -> dict[int, int] | None:
+    """``{raw label value: train id}`` of ``dataset.label_map``: a mapping, or the name of a label table
+    (``cityscapes``: cityscapesscripts' label ids → 19 train ids, void ids → 255); ``None`` = no mapping."""
+    spec = cfg.dataset.get("label_map")
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec == "cityscapes":
+            from dmtc.data.cityscapes import cityscapes_label_map
+
+            return cityscapes_label_map()
+        raise DMTCError(f"dataset.label_map={spec!r} is not a known label table; use 'cityscapes' or a mapping")
+    return {int(raw): int(tid) for raw, tid in OmegaConf.to_container(spec, resolve=True).items()}
+
+
 def build_layout(cfg: DictConfig) -> DatasetLayout:
-    """The dataset's on-disk layout from ``cfg.dataset``."""
+    """The dataset's on-disk layout from ``cfg.dataset`` (raw values outside ``label_map`` become 255)."""
     ds = cfg.dataset
+    table = label_map_table(cfg)
     label_map = None
-    if ds.get("label_map") is not None:
+    if table is not None:
         label_map = np.full(256, 255, dtype=np.uint8)
-        for raw, train_id in OmegaConf.to_container(ds.label_map, resolve=True).items():
-            label_map[int(raw)] = int(train_id)
+        for raw, train_id in table.items():
+            label_map[raw] = train_id
     return DatasetLayout(
         root=Path(ds.root),
         image_template=ds.image_template,
@@ -71,41 +100,131 @@ def build_layout(cfg: DictConfig) -> DatasetLayout:
         name=ds.name,
     )
 
+def _user_lists(cfg: DictConfig, layout: DatasetLayout, split: str, sid: int) -> tuple[Path, Path] | None:
+    """User-supplied (labeled, unlabeled) list files for ``split``/``sid`` if present (DMT's names: the split
+    name or its ratio, e.g. ``30_labeled_0.txt`` or ``29.75_labeled_0.txt``)."""
+    user = cfg.dataset.get("split_lists") or {}
+    if not user.get("labeled"):
+        return None
+    names = [split]
+    try:
+        ratio = split_ratio(split)
+        names.append(f"{ratio:g}")
+    except DMTCError:
+        pass
+    for name in dict.fromkeys(names):
+        labeled = layout.root / user.labeled.format(split=name, sid=sid)
+        unlabeled = layout.root / user.unlabeled.format(split=name, sid=sid)
+        if labeled.is_file():
+            if not unlabeled.is_file():
+                raise DMTCError(
+                    f"found the split list {labeled} but not its unlabeled list {unlabeled}: add it, or remove "
+                    f"{labeled.name} to have both generated"
+                )
+            return labeled, unlabeled
+    return None
+
 
 def resolve_split(cfg: DictConfig, layout: DatasetLayout) -> Split:
-    """Labeled/unlabeled/val names for ``split``/``sid``.
+    """Labeled/unlabeled/val names for ``split``/``sid`` following DMT's lists (DMT §4.1).
 
-    ``split=1`` labels every training image. Otherwise user-supplied lists
-    (``dataset.split_lists.labeled``/``unlabeled`` relative to the root) win; else DMT's protocol
-    (:func:`dmtc.data.splits.dmt_split`) generates them into ``dataset.split_dir`` (the root may be
-    read-only) and says so in the log.
+    * ``split=1`` labels every training image.
+    * ``split=<ratio>`` (2, 4, 8, 20, 30, 50, 106, ...): user-supplied lists (``dataset.split_lists``,
+      relative to the root; DMT's ``{split}_labeled_{sid}.txt`` files) win; otherwise
+      :func:`dmtc.data.splits.dmt_split` generates them from the sorted training names.
+    * ``split=<s>-l`` / ``<s>-r``: a difference-maximized 80% subset of split ``s`` (user lists of that
+      name win; otherwise :func:`dmtc.data.splits.dms_subset` of the split ``s`` lists); unlabeled = split
+      ``s``'s unlabeled list.
+    * ``split=sbd`` (VOC): labeled = the ``dataset.sbd_labeled_subset`` list (``train.txt``), unlabeled =
+      the other training ids.
+
+    Generated lists are written to ``dataset.split_dir`` (the dataset root may be read-only) and logged.
+    ``dataset.val_max_images`` keeps an evenly spaced subset of the validation images (fast model selection).
     """
     ds = cfg.dataset
     split, sid = str(cfg.split), int(cfg.sid)
-    ratio = split_ratio(split)
+    base, side = parse_split(split)
     val = layout.names(ds.val_subset)
-    train = layout.names(ds.train_subset)
-    if ratio == 1:
-        return Split(sorted(train), [], val)
-    user = ds.get("split_lists") or {}
-    if user.get("labeled"):
-        labeled_path = layout.root / user.labeled.format(split=split, sid=sid)
-        unlabeled_path = layout.root / user.unlabeled.format(split=split, sid=sid)
-        if labeled_path.is_file():
-            if not unlabeled_path.is_file():
-                raise DMTCError(f"found {labeled_path} but not its unlabeled list {unlabeled_path}")
-            log.info("using split lists %s and %s", labeled_path, unlabeled_path)
-            return Split(read_list(labeled_path), read_list(unlabeled_path), val)
-    split_dir = Path(ds.split_dir)
+    val_source = _list_source(layout, ds.val_subset)
+    limit = ds.get("val_max_images")
+    if limit and int(limit) < len(val):
+        count = int(limit)
+        val = [val[i * len(val) // count] for i in range(count)]
+        val_source += f" (evenly spaced {count} of them: dataset.val_max_images)"
+    train_source = _list_source(layout, ds.train_subset)
+    train_cache: list[list[str]] = []
+
+    def train() -> list[str]:
+        if not train_cache:
+            train_cache.append(layout.names(ds.train_subset))
+        return train_cache[0]
+
+    def lists(name: str, split_id: int) -> tuple[list[str], list[str], str]:
+        found = _user_lists(cfg, layout, name, split_id)
+        if found is not None:
+            def clean(path: Path) -> list[str]:
+                return [strip_template(n, layout.image_template, ds.train_subset) for n in read_list(path)]
+
+            return clean(found[0]), clean(found[1]), f"{found[0]} and {found[1]}"
+        labeled, unlabeled = dmt_split(train(), split_ratio(name), split_id)
+        return labeled, unlabeled, ""
+
+    if base == SBD_SPLIT:
+        subset = ds.get("sbd_labeled_subset")
+        if not subset:
+            raise DMTCError(f"split=sbd is PASCAL VOC's SBD split; dataset={ds.name} has no dataset.sbd_labeled_subset")
+        labeled, unlabeled = sbd_split(layout.names(subset), train())
+        sources = {"labeled": _list_source(layout, subset), "unlabeled": f"{train_source} minus the labeled ids"}
+        return Split(labeled, unlabeled, val, {**sources, "val": val_source})
+    if side is None and split_ratio(base) == 1:
+        return Split(sorted(train()), [], val, {"labeled": train_source, "unlabeled": "-", "val": val_source})
+    found = _user_lists(cfg, layout, split, sid)
+    if found is not None:
+        log.info("using split lists %s and %s", *found)
+        labeled, unlabeled, source = lists(split, sid)
+        return Split(labeled, unlabeled, val, {"labeled": str(found[0]), "unlabeled": str(found[1]), "val": val_source})
+    if side is None:
+        labeled, unlabeled, source = lists(base, sid)
+    else:
+        labeled = dms_subset(lambda name, split_id: lists(name, split_id)[0], base, sid, side)
+        _, unlabeled, source = lists(base, sid)
+    if source:  # from user lists of the base split: nothing generated
+        return Split(labeled, unlabeled, val, {"labeled": f"{split} subset of {source}", "unlabeled": source,
+                                               "val": val_source})
+    labeled_path, unlabeled_path = _write_split(cfg, split, sid, labeled, unlabeled)
+    return Split(labeled, unlabeled, val,
+                 {"labeled": str(labeled_path), "unlabeled": str(unlabeled_path), "val": val_source})
+
+
+def _list_source(layout: DatasetLayout, subset: str) -> str:
+    if layout.list_template is not None:
+        path = layout.root / layout.list_template.format(subset=subset)
+        if path.is_file():
+            return str(path)
+    return f"the '{subset}' image folder of {layout.root}"
+
+
+def _write_split(cfg: DictConfig, split: str, sid: int, labeled: list[str], unlabeled: list[str]) -> tuple[Path, Path]:
+    """Write generated lists to ``dataset.split_dir`` (unless already there, identical) and log where."""
+    split_dir = Path(cfg.dataset.split_dir)
     labeled_path = split_dir / f"{split}_labeled_{sid}.txt"
     unlabeled_path = split_dir / f"{split}_unlabeled_{sid}.txt"
-    labeled, unlabeled = dmt_split(train, ratio, sid)
-    if not (labeled_path.is_file() and read_list(labeled_path) == labeled):
-        write_list(labeled_path, labeled)
-        write_list(unlabeled_path, unlabeled)
-        log.info("generated DMT split lists %s (%d labeled) and %s", labeled_path, len(labeled), unlabeled_path)
-    return Split(labeled, unlabeled, val)
-
+    same = (labeled_path.is_file() and unlabeled_path.is_file() and read_list(labeled_path) == labeled
+            and read_list(unlabeled_path) == unlabeled)
+    if not same:
+        try:
+            write_list(labeled_path, labeled)
+            write_list(unlabeled_path, unlabeled)
+        except OSError as err:
+            raise DMTCError(
+                f"cannot write the generated split lists to {split_dir} ({err.strerror}): set dataset.split_dir "
+                "(or paths.cache_dir) to a writable folder"
+            ) from err
+        log.info("generated DMT split lists %s (%d labeled) and %s (%d unlabeled)", labeled_path, len(labeled),
+                 unlabeled_path, len(unlabeled))
+    else:
+        log.info("using generated split lists %s (%d labeled) and %s", labeled_path, len(labeled), unlabeled_path)
+    return labeled_path, unlabeled_path
 
 def input_normalization(cfg: DictConfig) -> dict[str, Any]:
     """Input pipeline of the backbone's initialisation (mean, std, channel order, value scale)."""
@@ -118,15 +237,32 @@ def input_normalization(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def validate_split(cfg: DictConfig, layout: DatasetLayout, split: Split) -> None:
+    """Check the split's files before training (:mod:`dmtc.data.validation`): every listed image exists,
+    labeled and val images have labels, and a sample of labels holds only values of the class set."""
+    ds = cfg.dataset
+    allowed = allowed_label_values(int(ds.num_classes), label_map_table(cfg))
+    name_sets = [
+        NameSet(ds.train_subset, split.labeled, split.sources.get("labeled", "the labeled list")),
+        NameSet(ds.train_subset, split.unlabeled, split.sources.get("unlabeled", "the unlabeled list"), labels=False),
+        NameSet(ds.val_subset, split.val, split.sources.get("val", "the validation list")),
+    ]
+    validate_dataset(layout, name_sets, allowed, sample=int(ds.get("validate_samples", 8)))
+
+
 def build_datamodule(cfg: DictConfig, *, check_files: bool = True) -> tuple[SegmentationDataModule, Split]:
-    """Datamodule for the labeled split and validation set; checks every listed file exists first."""
+    """Datamodule for the labeled split and validation set; validates the data on disk first (fast: names
+    are checked, a sample of labels decoded), so a bad dataset fails before any training starts."""
     prepare_dataset(cfg)
     layout = build_layout(cfg)
-    split = resolve_split(cfg, layout)
     ds = cfg.dataset
     if check_files:
-        layout.check_files(ds.train_subset, split.labeled)
-        layout.check_files(ds.val_subset, split.val)
+        check_folders(layout, [ds.train_subset, ds.val_subset])
+        if ds.get("list_required"):
+            check_list_files(layout, [ds.train_subset, ds.val_subset])
+    split = resolve_split(cfg, layout)
+    if check_files:
+        validate_split(cfg, layout, split)
     norm = input_normalization(cfg)
     base_size = list(ds.base_size) if ds.get("base_size") else None
     train_tf = build_train_transform(
@@ -147,7 +283,6 @@ def build_datamodule(cfg: DictConfig, *, check_files: bool = True) -> tuple[Segm
         val_subset=ds.val_subset,
     )
     return datamodule, split
-
 
 def build_model(cfg: DictConfig) -> Any:
     """DeepLab-v2 for the dataset's classes, initialised as ``backbone.init`` says."""
