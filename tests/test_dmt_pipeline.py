@@ -1,0 +1,190 @@
+"""DMT end to end: two phases through train.py, resume after kill -9, untrusted stores, pseudo_label.py,
+the pseudo-labeled dataset's joint transform and the user mistakes that must end in one message."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, run_script, tiny_run_overrides
+from torchvision import tv_tensors
+
+from dmtc.builders import build_layout, prepare_dataset, resolve_split
+from dmtc.cli import run_entry
+from dmtc.data.pseudo import PseudoLabeledDataset
+from dmtc.data.transforms import build_train_transform
+from dmtc.labeling import label_images, labeling_transform, pseudo_label
+from dmtc.models import deeplab_v2
+from dmtc.pseudo_labels import PseudoLabelStore
+from dmtc.training import train
+
+DMT = ["method=dmt", "method.ratios=[0.5,1.0]"]
+
+
+def _dmt_overrides(tmp: Path) -> list[str]:
+    return [*tiny_run_overrides(tmp), *DMT, f"hydra.run.dir={tmp / 'run'}"]
+
+
+def test_two_phases_resume_after_kill(tmp_path):
+    """train.py method=dmt killed (-9) once phase 1 has started, rerun: the finished warm-up is not retrained,
+    results.json is complete, global_step == batches per phase and logged steps never restart."""
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *_dmt_overrides(tmp_path)], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "phase1_r0.5" / "pseudo_a").exists():
+            assert proc.poll() is None, "train.py ended before phase 1 started"
+            assert time.monotonic() < deadline, "phase 1 never started"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (run / "results.json").exists()
+    warmup_done = run / "phase0_warmup" / "done.json"
+    assert warmup_done.is_file()
+    mtime = warmup_done.stat().st_mtime_ns
+    warmup_ckpts = {p.name: p.stat().st_mtime_ns for p in (run / "phase0_warmup" / "checkpoints").iterdir()}
+
+    rerun = run_script("train.py", _dmt_overrides(tmp_path), cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    log = rerun.stdout + rerun.stderr
+    assert "phase0_warmup finished earlier: skipping it" in log
+    assert warmup_done.stat().st_mtime_ns == mtime
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "phase0_warmup" / "checkpoints").iterdir()} == warmup_ckpts
+
+    results = json.loads((run / "results.json").read_text())
+    assert [p["name"] for p in results["phases"]] == ["phase0_warmup", "phase1_r0.5", "phase2_r1"]
+    assert results["miou"] == max(results["phases"][-1]["val"][k]["miou"] for k in "ab")
+    assert Path(results["checkpoint"]).is_file() and set(results["per_class_iou"]) >= {"background"}
+    assert all(Path(results["checkpoints"][k]).is_file() for k in "ab")
+    for phase in results["phases"]:
+        assert set(phase["val"]) == {"a", "b", "ens"}
+    # global_step counts batches (one optimizer step for the pair): 5 labeled // batch 2 = 2 warm-up
+    # batches; phases are capped at limit_train_batches=4.
+    assert [p["steps"] for p in results["phases"]] == [2, 4, 4] and results["steps"] == 10
+    pseudo = results["phases"][1]["pseudo"]["a"]
+    assert pseudo["ratio"] == 0.5 and 0.5 <= pseudo["kept_fraction"] < 0.6
+    assert set(pseudo["classes"]["background"]) == {"predicted", "kept", "threshold"}
+    assert "quality" in pseudo and results["phases"][2]["pseudo"]["b"]["kept_fraction"] == 1.0
+    assert "DMT synthetic" in rerun.stdout and "warm-up" in rerun.stdout
+    # one CSV log across phases (the rerun's logger), its step axis never going back
+    with open(run / "csv" / "metrics.csv", newline="") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f)]
+    assert steps == sorted(steps) and max(steps) >= 8
+
+
+def _tiny_cfg(compose_cfg, *extra: str):
+    cfg = compose_cfg(overrides=[*DMT, *extra])
+    prepare_dataset(cfg)
+    return cfg
+
+
+def test_interrupted_store_is_not_trusted(compose_cfg, tmp_path):
+    cfg = _tiny_cfg(compose_cfg)
+    layout = build_layout(cfg)
+    names = resolve_split(cfg, layout).unlabeled[:6]
+    model = deeplab_v2(10, backbone="resnet_tiny")
+    directory = tmp_path / "store"
+    kwargs = {"meta": {"source": "x"}, "num_classes": 10, "transform": labeling_transform(cfg), "batch_size": 3}
+    store, hist, reused = label_images(model, layout, "train", names, directory, **kwargs)
+    assert not reused and sorted(store.names()) == sorted(names) and int(hist.predicted().sum()) == 6 * 64 * 64
+    assert label_images(model, layout, "train", names, directory, **kwargs)[2]  # complete: reused
+
+    # killed mid-write: the manifest went first, some files are written -> rewritten, not trusted
+    (directory / "manifest.json").unlink()
+    store.confidence_path(names[3]).unlink()
+    store, _, reused = label_images(model, layout, "train", names, directory, **kwargs)
+    assert not reused and store.confidence_path(names[3]).is_file()
+    # a manifest from other labels (another source model) is not trusted either
+    assert not label_images(model, layout, "train", names, directory, **{**kwargs, "meta": {"source": "y"}})[2]
+
+
+def test_pseudo_dataset_moves_all_maps_together(compose_cfg, tmp_path):
+    cfg = _tiny_cfg(compose_cfg)
+    layout = build_layout(cfg)
+    names = resolve_split(cfg, layout).unlabeled[:2]
+    stores = {}
+    rng = np.random.default_rng(0)
+    for key in "ab":
+        stores[key] = PseudoLabelStore(tmp_path / key)
+        for name in names:
+            label = rng.integers(0, 10, (64, 64)).astype(np.uint8)
+            code = (label.astype(np.uint16) * 6000 + 1000).astype(np.uint16)  # conf determined by label
+            stores[key].write(name, label, code)
+    thresholds = {"a": [0.0] * 10, "b": [0.5] * 10}  # b keeps classes whose conf >= 0.5: labels >= 6
+    tf = build_train_transform(crop_size=[48, 48], scale_range=[0.6, 1.7], mean=[0.5] * 3, std=[0.2] * 3)
+    ds = PseudoLabeledDataset(layout, "train", names, stores, thresholds, tf)
+    for _ in range(4):
+        item = ds[0]
+        assert item["image"].shape == (3, 48, 48)
+        for key in "ab":
+            label, conf = item[f"label_{key}"], item[f"conf_{key}"]
+            assert label.shape == conf.shape == (48, 48) and label.dtype == torch.int64
+            kept = label != 255
+            expected = (label[kept].float() * 6000 + 1000) / 65535
+            assert torch.allclose(conf[kept], expected)  # nearest: each label stays with its confidence
+        assert (item["label_b"][item["label_b"] != 255] >= 6).all()
+
+
+def test_pseudo_label_entry_point(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.manual_seed(0)
+    torch.save({"model": deeplab_v2(10, backbone="resnet_tiny").state_dict()}, path)
+    proc = run_script("pseudo_label.py", [*tiny_run_overrides(tmp_path), f"ckpt={path}", "ratio=0.4",
+                                          f"hydra.run.dir={tmp_path / 'pl'}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "pl" / "summary.json").read_text())
+    assert summary["ratio"] == 0.4 and summary["num_images"] == 35
+    assert PseudoLabelStore(summary["store"]).is_complete({})
+    classes = summary["classes"]
+    assert set(classes) >= {"background", "striped_bar"}
+    assert sum(c["predicted"] for c in classes.values()) == 35 * 64 * 64
+    for c in classes.values():
+        assert c["kept"] <= c["predicted"]
+    assert 0 <= summary["quality"]["miou"] <= 100 and set(summary["quality"]["precision"]) == set(classes)
+
+
+def _expect_user_error(fn, cfg, capsys, *fragments):
+    with pytest.raises(SystemExit) as exc:
+        run_entry(fn, cfg)
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_pseudo_label_checkpoint_with_other_class_count(compose_cfg, capsys, tmp_path):
+    path = tmp_path / "five.pt"
+    torch.save({"model": deeplab_v2(5, backbone="resnet_tiny").state_dict()}, path)
+    cfg = compose_cfg("pseudo_label", overrides=[f"ckpt={path}"])
+    _expect_user_error(pseudo_label, cfg, capsys, "five.pt")
+
+
+def test_missing_unlabeled_list(compose_cfg, capsys, tmp_path):
+    root = tmp_path / "cache" / "synthetic" / "seed0"
+    cfg = compose_cfg(overrides=[*DMT, "dataset.split_lists={labeled:mine_l.txt,unlabeled:mine_u.txt}"])
+    prepare_dataset(cfg)
+    (root / "mine_l.txt").write_text("train_00000\ntrain_00001\n")
+    _expect_user_error(train, cfg, capsys, "mine_u.txt")
+
+
+def test_pair_init_modes_needing_real_data_are_one_error(compose_cfg, capsys):
+    cfg = compose_cfg(overrides=[*DMT, "method.pair_init=subsets"])
+    _expect_user_error(train, cfg, capsys, "pair_init=subsets", "seeds")
+
+
+def test_split_without_unlabeled_images(compose_cfg, capsys):
+    cfg = compose_cfg(overrides=[*DMT, "split=1"])
+    _expect_user_error(train, cfg, capsys, "split=1", "unlabeled")
