@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, run_script, tiny_run_overrides
-from torchvision import tv_tensors
 
 from dmtc.builders import build_layout, prepare_dataset, resolve_split
 from dmtc.cli import run_entry
