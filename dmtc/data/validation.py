@@ -60,7 +60,8 @@ def check_names(layout: DatasetLayout, name_sets: Iterable[NameSet]) -> None:
         missing = [p for p in images if not p.is_file()]
         if missing:
             _raise_missing(layout, missing, f"listed in {entry.source}", "images",
-                           "check dataset.root, or fix/delete that list so it is generated again")
+                           "check that dataset.root points at the complete download (lists and files from the "
+                           "same release); if the list is your own, fix it or delete it to have it generated")
         if entry.labels:
             no_label = [layout.label_path(entry.subset, n) for n in entry.names
                         if not layout.label_path(entry.subset, n).is_file()]
