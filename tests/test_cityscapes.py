@@ -179,3 +179,17 @@ def test_list_naming_missing_files(compose_cfg, city_root):
     (lists / "8_unlabeled_0.txt").unlink()
     with pytest.raises(DMTCError, match="8_unlabeled_0.txt"):
         build_datamodule(cfg)
+
+
+@pytest.mark.slow
+def test_train_entry_point_on_a_miniature_cityscapes(tmp_path):
+    from conftest import run_script, tiny_run_overrides
+
+    root = make_city_tree(tmp_path / "cityscapes")
+    args = [*tiny_run_overrides(tmp_path, synthetic=False), *city_overrides(root, "split=2", "sid=1")]
+    proc = run_script("train.py", args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs" / "train").iterdir()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["dataset"] == "city" and results["num_labeled"] == 10 and results["num_val"] == 4
+    assert set(results["per_class_iou"]) == set(cityscapes_class_names())

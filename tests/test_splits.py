@@ -1,8 +1,19 @@
+import math
 import random
 
 import pytest
 
-from dmtc.data.splits import dmt_split, num_labeled, read_list, split_ratio, write_list
+from dmtc.data.splits import (
+    dms_subset,
+    dmt_split,
+    num_labeled,
+    parse_split,
+    read_list,
+    sbd_split,
+    split_ratio,
+    strip_template,
+    write_list,
+)
 from dmtc.errors import DMTCError
 
 
@@ -49,3 +60,63 @@ def test_list_round_trip(tmp_path):
     assert read_list(tmp_path / "l" / "8_labeled_0.txt") == ["a/b", "c"]
     with pytest.raises(DMTCError, match="does not exist"):
         read_list(tmp_path / "missing.txt")
+
+
+def test_list_lines_keep_their_first_token(tmp_path):
+    path = tmp_path / "list.txt"
+    path.write_text("/JPEGImages/a.jpg /SegmentationClassAug/a.png\n\n  b  \n")
+    assert read_list(path) == ["/JPEGImages/a.jpg", "b"]
+    assert strip_template("/JPEGImages/a.jpg", "JPEGImages/{name}.jpg", "train") == "a"
+    assert strip_template("a", "JPEGImages/{name}.jpg", "train") == "a"
+    city = "leftImg8bit/{subset}/{name}_leftImg8bit.png"
+    assert strip_template("leftImg8bit/train/ulm/ulm_000001_000019_leftImg8bit.png", city, "train") == (
+        "ulm/ulm_000001_000019")
+    assert strip_template("ulm/ulm_000001_000019", city, "train") == "ulm/ulm_000001_000019"
+
+
+def test_split_names():
+    assert parse_split(8) == ("8", None) and parse_split("30") == ("30", None)
+    assert parse_split("106-l") == ("106", "l") and parse_split("20-r") == ("20", "r")
+    assert parse_split("SBD") == ("sbd", None)
+    with pytest.raises(DMTCError, match="-l/-r"):
+        parse_split("4-l")
+    with pytest.raises(DMTCError, match="split='x-y'"):
+        parse_split("x-y")
+
+
+def _reference_dms(labeled_lists):
+    """DMT's difference-maximized sampling written out loop by loop (DESIGN §3)."""
+    random.seed(7777)
+    out = {}
+    for sid in range(3):
+        for s in ("8", "20", "50", "106"):
+            names = list(labeled_lists[(s, sid)])
+            random.shuffle(names)
+            nc = math.ceil(0.2 * len(names))
+            out[(s, sid, "l")] = names[: len(names) - nc]
+            out[(s, sid, "r")] = names[nc:]
+    return out
+
+
+def test_difference_maximized_sampling_matches_dmt():
+    trainaug = [f"2008_{i:06d}" for i in range(10582)]
+    splits = ("8", "20", "50", "106")
+    lists = {(s, sid): dmt_split(trainaug, split_ratio(s), sid)[0] for sid in range(3) for s in splits}
+    reference = _reference_dms(lists)
+    random.seed(5)
+    before = random.random()
+    random.seed(5)
+    for (s, sid, side), expected in reference.items():
+        if s in ("106", "20") or sid == 1:
+            assert dms_subset(lambda name, i: lists[(name, i)], s, sid, side) == expected
+    assert random.random() == before  # global random state untouched
+    left, right = reference[("106", 0, "l")], reference[("106", 0, "r")]
+    assert len(left) == len(right) == 80 and len(set(left) & set(right)) == 60  # 100 labeled: 80% each, 60% shared
+    assert set(left) | set(right) == set(lists[("106", 0)])
+
+
+def test_sbd_split_counts():
+    trainaug = [f"id{i:05d}" for i in range(10582)]
+    train = trainaug[::7][:1464]
+    labeled, unlabeled = sbd_split(train, trainaug)
+    assert labeled == train and len(unlabeled) == 9118 and not set(labeled) & set(unlabeled)
