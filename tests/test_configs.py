@@ -72,7 +72,7 @@ def test_run_name_is_safe_and_bounded():
     from dmtc.config import run_name
 
     assert run_name("") == "default"
-    assert run_name("model.aspp_dilations-[6,12]_split-8") == "model.aspp_dilations-_6_12_split-8"
+    assert run_name("model.aspp_dilations-[6,12]_split-8") == "model.aspp_dilations-_6_12__split-8"
     assert run_name("x-/a/b=c") == "x-_a_b_c"
     long_a, long_b = "x=" + "a" * 300, "x=" + "a" * 299 + "b"
     assert len(run_name(long_a)) == 120 and run_name(long_a) != run_name(long_b)
