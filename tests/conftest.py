@@ -61,3 +61,17 @@ def run_script(script: str, args: list[str], cwd: Path, timeout: int = 300):
         [sys.executable, str(REPO / script), *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def expect_user_error(fn, cfg, capsys, *fragments: str) -> str:
+    """Call ``fn(cfg)`` as the entry points do; it must exit 1 with one ``error:`` line holding ``fragments``."""
+    from dmtc.cli import run_entry
+
+    with pytest.raises(SystemExit) as exc:
+        run_entry(fn, cfg)
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err

@@ -13,12 +13,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
-from conftest import REPO, run_script, tiny_run_overrides
+from conftest import REPO, expect_user_error, run_script, tiny_run_overrides
 
 from dmtc.builders import build_layout, prepare_dataset, resolve_split
-from dmtc.cli import run_entry
 from dmtc.data.pseudo import PseudoLabeledDataset
 from dmtc.data.transforms import build_train_transform
 from dmtc.labeling import label_images, labeling_transform, pseudo_label
@@ -154,21 +152,13 @@ def test_pseudo_label_entry_point(tmp_path):
     assert 0 <= summary["quality"]["miou"] <= 100 and set(summary["quality"]["precision"]) == set(classes)
 
 
-def _expect_user_error(fn, cfg, capsys, *fragments):
-    with pytest.raises(SystemExit) as exc:
-        run_entry(fn, cfg)
-    assert exc.value.code == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 def test_pseudo_label_checkpoint_with_other_class_count(compose_cfg, capsys, tmp_path):
     path = tmp_path / "five.pt"
     torch.save({"model": deeplab_v2(5, backbone="resnet_tiny").state_dict()}, path)
     cfg = compose_cfg("pseudo_label", overrides=[f"ckpt={path}"])
-    _expect_user_error(pseudo_label, cfg, capsys, "five.pt")
+    expect_user_error(pseudo_label, cfg, capsys, "five.pt")
 
 
 def test_missing_unlabeled_list(compose_cfg, capsys, tmp_path):
@@ -176,14 +166,14 @@ def test_missing_unlabeled_list(compose_cfg, capsys, tmp_path):
     cfg = compose_cfg(overrides=[*DMT, "dataset.split_lists={labeled:mine_l.txt,unlabeled:mine_u.txt}"])
     prepare_dataset(cfg)
     (root / "mine_l.txt").write_text("train_00000\ntrain_00001\n")
-    _expect_user_error(train, cfg, capsys, "mine_u.txt")
+    expect_user_error(train, cfg, capsys, "mine_u.txt")
 
 
 def test_pair_init_modes_needing_real_data_are_one_error(compose_cfg, capsys):
     cfg = compose_cfg(overrides=[*DMT, "method.pair_init=subsets"])
-    _expect_user_error(train, cfg, capsys, "pair_init=subsets", "seeds")
+    expect_user_error(train, cfg, capsys, "pair_init=subsets", "seeds")
 
 
 def test_split_without_unlabeled_images(compose_cfg, capsys):
     cfg = compose_cfg(overrides=[*DMT, "split=1"])
-    _expect_user_error(train, cfg, capsys, "split=1", "unlabeled")
+    expect_user_error(train, cfg, capsys, "split=1", "unlabeled")

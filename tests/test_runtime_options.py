@@ -35,8 +35,8 @@ def test_wandb_logger_offline_writes_a_local_run(compose_cfg, tmp_path, monkeypa
 
 
 def test_ddp_two_cpu_processes(tmp_path):
-    overrides = [*tiny_run_overrides(tmp_path), "split=1", "strategy=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                 f"hydra.run.dir={tmp_path / 'ddp_run'}"]
+    overrides = [*tiny_run_overrides(tmp_path), "split=1", "strategy=ddp", "trainer.accelerator=cpu",
+                 "trainer.devices=2", f"hydra.run.dir={tmp_path / 'ddp_run'}"]
     proc = run_script("train.py", overrides, cwd=tmp_path, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "ddp_run" / "results.json").read_text())

@@ -7,9 +7,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import run_script, tiny_run_overrides
+from conftest import expect_user_error, run_script, tiny_run_overrides
 
-from dmtc.cli import run_entry
 from dmtc.evaluation import evaluate
 from dmtc.models import deeplab_v2
 from dmtc.training import train
@@ -54,22 +53,13 @@ def test_unknown_dataset_is_one_hydra_message(tmp_path):
     assert "dataset/cityscapez" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def _expect_user_error(fn, cfg, capsys, *fragments):
-    with pytest.raises(SystemExit) as exc:
-        run_entry(fn, cfg)
-    assert exc.value.code == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 def test_missing_dataset_root(compose_cfg, capsys, tmp_path):
     root = tmp_path / "no_such_data"
     cfg = compose_cfg(overrides=["dataset=folder", f"dataset.root={root}", "dataset.num_classes=3",
                                  "dataset.class_names=[a,b,c]"])
-    _expect_user_error(train, cfg, capsys, str(root), "dataset.root")
+    expect_user_error(train, cfg, capsys, str(root), "dataset.root")
 
 
 def test_missing_listed_file_is_named_before_training(compose_cfg, capsys, tmp_path):
@@ -77,7 +67,7 @@ def test_missing_listed_file_is_named_before_training(compose_cfg, capsys, tmp_p
     (root / "labels" / "train" / "img_3.png").unlink()
     cfg = compose_cfg(overrides=["dataset=folder", f"dataset.root={root}", "dataset.num_classes=3",
                                  "dataset.class_names=[a,b,c]", "split=1"])
-    _expect_user_error(train, cfg, capsys, "img_3.png")
+    expect_user_error(train, cfg, capsys, "img_3.png")
 
 
 def test_corrupt_image_in_a_worker_is_one_message(compose_cfg, capsys, tmp_path):
@@ -86,25 +76,25 @@ def test_corrupt_image_in_a_worker_is_one_message(compose_cfg, capsys, tmp_path)
     cfg = compose_cfg(overrides=["dataset=folder", f"dataset.root={root}", "dataset.num_classes=3",
                                  "dataset.class_names=[a,b,c]", "split=1", "dataset.num_workers=1",
                                  "dataset.batch_size=8"])
-    _expect_user_error(train, cfg, capsys, "img_2.png", "corrupt")
+    expect_user_error(train, cfg, capsys, "img_2.png", "corrupt")
 
 
 def test_checkpoint_with_other_class_count(compose_cfg, capsys, tmp_path):
     path = tmp_path / "five_classes.pt"
     torch.save({"model": deeplab_v2(5, backbone="resnet_tiny").state_dict()}, path)
     cfg = compose_cfg("evaluate", overrides=[f"ckpt={path}"])
-    _expect_user_error(evaluate, cfg, capsys, "5", "10", str(path.name))
+    expect_user_error(evaluate, cfg, capsys, "5", "10", str(path.name))
 
 
 def test_missing_checkpoint(compose_cfg, capsys, tmp_path):
     cfg = compose_cfg("evaluate", overrides=[f"ckpt={tmp_path / 'nope.ckpt'}"])
-    _expect_user_error(evaluate, cfg, capsys, "nope.ckpt", "does not exist")
+    expect_user_error(evaluate, cfg, capsys, "nope.ckpt", "does not exist")
 
 
 def test_missing_pretrained_weights_name_file_and_origin(compose_cfg, capsys, tmp_path):
     cfg = compose_cfg(overrides=["backbone=resnet18", "backbone.init=imagenet",
                                  f"paths.weights_dir={tmp_path / 'w'}"])
-    _expect_user_error(train, cfg, capsys, "resnet18-f37072fd.pth", "download.pytorch.org")
+    expect_user_error(train, cfg, capsys, "resnet18-f37072fd.pth", "download.pytorch.org")
 
 
 def _folder_dataset(root: Path, n: int = 8, size: int = 32) -> Path:
