@@ -226,14 +226,39 @@ def _write_split(cfg: DictConfig, split: str, sid: int, labeled: list[str], unla
         log.info("using generated split lists %s (%d labeled) and %s", labeled_path, len(labeled), unlabeled_path)
     return labeled_path, unlabeled_path
 
-def input_normalization(cfg: DictConfig) -> dict[str, Any]:
-    """Input pipeline of the backbone's initialisation (mean, std, channel order, value scale)."""
-    norm = cfg.backbone.input
+#: Input pipeline of each backbone initialisation (DESIGN §3, DMT §4.1): torchvision ImageNet weights
+#: expect RGB in [0, 1] with ImageNet mean/std; the COCO DeepLab-v2 weights (Caffe) expect BGR in 0–255
+#: minus the Caffe mean, std 1. Random init (``none``) uses the ImageNet pipeline.
+INIT_INPUTS: dict[str, dict[str, Any]] = {
+    "imagenet": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "bgr": False, "value_scale": 1 / 255},
+    "coco": {"mean": [104.008, 116.669, 122.675], "std": [1.0, 1.0, 1.0], "bgr": True, "value_scale": 1.0},
+    "none": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "bgr": False, "value_scale": 1 / 255},
+}
+INITS: tuple[str, ...] = tuple(INIT_INPUTS)
+
+
+def _check_init(init: str) -> str:
+    if init not in INIT_INPUTS:
+        raise DMTCError(f"backbone.init={init!r} is not an initialisation; use one of {', '.join(INITS)}")
+    return init
+
+
+def input_normalization(cfg: DictConfig, init: str | None = None) -> dict[str, Any]:
+    """Input pipeline (mean, std, channel order, value scale) of initialisation ``init`` (default
+    ``backbone.init``): :data:`INIT_INPUTS`, with any non-null ``backbone.input`` field overriding it when
+    ``init`` is the config's own. So ``backbone.init=coco`` alone switches inputs to Caffe BGR 0–255."""
+    own = str(cfg.backbone.get("init", "none"))
+    init = _check_init(own if init is None else str(init))
+    norm = dict(INIT_INPUTS[init])
+    if init == own:
+        for key, value in (cfg.backbone.get("input") or {}).items():
+            if value is not None and key in norm:
+                norm[key] = value
     return {
-        "mean": list(norm.mean),
-        "std": list(norm.std),
-        "bgr": bool(norm.bgr),
-        "value_scale": float(norm.value_scale),
+        "mean": [float(v) for v in norm["mean"]],
+        "std": [float(v) for v in norm["std"]],
+        "bgr": bool(norm["bgr"]),
+        "value_scale": float(norm["value_scale"]),
     }
 
 
@@ -284,18 +309,51 @@ def build_datamodule(cfg: DictConfig, *, check_files: bool = True) -> tuple[Segm
     )
     return datamodule, split
 
-def build_model(cfg: DictConfig) -> Any:
-    """DeepLab-v2 for the dataset's classes, initialised as ``backbone.init`` says."""
-    init = cfg.backbone.get("init", "none")
-    if init not in ("none", "imagenet"):
-        raise DMTCError(f"backbone.init={init!r} is not supported here; use 'imagenet' or 'none'")
-    pretrained = cfg.backbone.weights if init == "imagenet" else None
-    return deeplab_v2(
+def init_weights_path(cfg: DictConfig, init: str | None = None) -> str | None:
+    """Weight file of initialisation ``init`` (default ``backbone.init``): ``backbone.weights`` for the
+    config's own init, else ``backbone.weight_files.<init>``; ``None`` for ``none``."""
+    own = str(cfg.backbone.get("init", "none"))
+    init = _check_init(own if init is None else str(init))
+    if init == "none":
+        return None
+    path = cfg.backbone.get("weights") if init == own else (cfg.backbone.get("weight_files") or {}).get(init)
+    if not path:
+        raise DMTCError(
+            f"backbone.init={init} needs a weight file but backbone {cfg.backbone.name} has none configured: set "
+            f"backbone.weights (or backbone.weight_files.{init}) to the file, or use backbone.init=none"
+        )
+    return str(path)
+
+
+def build_model(cfg: DictConfig, init: str | None = None) -> Any:
+    """DeepLab-v2 for the dataset's classes, initialised as ``init`` (default ``backbone.init``) says:
+
+    * ``none``: torchvision's random init;
+    * ``imagenet``: a local torchvision ResNet file (``fc.*`` ignored);
+    * ``coco``: resnet101 only; DMT's converted ``*_coco_resnet101.pt`` or Hung et al.'s original
+      ``resnet101COCO-41f33a49.pth`` converted on load (:func:`dmtc.models.checkpoints.load_coco_init`).
+
+    The model's inputs must follow the same init: :func:`input_normalization` with the same ``init``.
+    """
+    init = _check_init(str(cfg.backbone.get("init", "none")) if init is None else str(init))
+    name = str(cfg.backbone.name)
+    if init == "coco" and name != "resnet101":
+        raise DMTCError(
+            f"backbone.init=coco needs backbone=resnet101 (the COCO DeepLab-v2 weights are a ResNet-101); "
+            f"backbone={name} can use init=imagenet or none"
+        )
+    path = init_weights_path(cfg, init)
+    model = deeplab_v2(
         int(cfg.dataset.num_classes),
-        backbone=cfg.backbone.name,
+        backbone=name,
         aspp_dilations=tuple(cfg.model.aspp_dilations),
-        pretrained=pretrained,
+        pretrained=path if init == "imagenet" else None,
     )
+    if init == "coco":
+        from dmtc.models.checkpoints import load_coco_init
+
+        load_coco_init(model, path)
+    return model
 
 
 def build_module(cfg: DictConfig, models: dict[str, Any]) -> SegmentationModule:

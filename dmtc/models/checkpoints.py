@@ -15,6 +15,7 @@ File keys are mapped onto the model's own names: ``backbone.*`` (torchvision nam
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from collections.abc import Mapping
@@ -26,8 +27,17 @@ from torch import nn
 
 from dmtc.errors import DMTCError
 
+log = logging.getLogger(__name__)
+
 _TORCHVISION_TOP = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.", "fc.")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# DataParallel / torch.compile wrappers, and ``Scale.`` of the Caffe-converted DeepLab-v2 files
+# (``MS_DeepLab_resnet_pretrained_COCO_init.pth`` style) that AdvSemiSeg's file derives from
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "Scale.")
+
+#: Public origin of the COCO-pretrained DeepLab-v2 ResNet-101 (Hung et al., AdvSemiSeg release) that DMT,
+#: DMTC and ClassMix start from; DMT's ``convert_coco_resnet101.py`` turns it into ``city_coco_resnet101.pt``
+#: / ``voc_coco_resnet101.pt`` (DMT's README). Either file is accepted by :func:`load_coco_init`.
+COCO_INIT_URL = "http://vllab1.ucmerced.edu/~whung/adv-semi-seg/resnet101COCO-41f33a49.pth"
 
 
 @dataclass
@@ -221,4 +231,34 @@ def load_dmt_checkpoint(
     if problems:
         warnings.warn(". ".join(problems) + ".", stacklevel=2)
     model.load_state_dict(state_to_load, strict=False)
+    return report
+
+
+def load_coco_init(model: nn.Module, path: str | Path) -> LoadReport:
+    """Initialise ``model`` (a resnet101 :class:`DeepLabV2`) from COCO-pretrained DeepLab-v2 weights.
+
+    Accepts DMT's converted file (``{'model': state_dict}`` with ``backbone.*`` / ``classifier.0.convs.*``,
+    e.g. ``city_coco_resnet101.pt``) or the original ``resnet101COCO-41f33a49.pth`` of Hung et al.
+    (torchvision-named ResNet keys, optionally under ``Scale.``, plus ``layer5.conv2d_list.{i}``), converted
+    on the fly exactly as DMT's ``convert_coco_resnet101.py`` does: ResNet keys → ``backbone.*``, ASPP
+    branches → ``classifier.convs.{i}``. Like DMT, the Caffe ResNet-101 (stride in the first 1×1 conv of a
+    block) is loaded into torchvision's v1.5 layout (stride in the 3×3 conv); shapes are identical.
+    The COCO head (21 outputs) is loaded when the model has 21 classes (VOC, as DMT's ``voc_coco`` file);
+    for another class count it keeps its random initialisation. ASPP branches the model lacks are unused.
+
+    A missing file raises :class:`DMTCError` naming the path and where to get the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DMTCError(
+            f"COCO init weights file {str(path)!r} not found (backbone.init=coco). Download Hung et al.'s "
+            f"COCO-pretrained DeepLab-v2 {COCO_INIT_URL} (converted on load) or use DMT's converted "
+            "city_coco_resnet101.pt / voc_coco_resnet101.pt (DMT's README, convert_coco_resnet101.py), and put "
+            "it there or set backbone.weights to it."
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the head mismatch (19 vs 21 classes) is expected and reported below
+        report = load_dmt_checkpoint(model, path, allow_head_mismatch=True)
+    head = "kept random (other class count)" if report.skipped else "loaded"
+    log.info("COCO init from %s: %d tensors loaded, classifier %s", path, len(report.loaded), head)
     return report
