@@ -348,6 +348,7 @@ def build_model(cfg: DictConfig, init: str | None = None) -> Any:
         backbone=name,
         aspp_dilations=tuple(cfg.model.aspp_dilations),
         pretrained=path if init == "imagenet" else None,
+        projection_dim=cfg.model.get("projection_dim"),  # DMTC projection head (configs/method/dmtc.yaml)
     )
     if init == "coco":
         from dmtc.models.checkpoints import load_coco_init

@@ -10,6 +10,7 @@ batches. The learning rate follows DeepLab's "poly" policy stepped every iterati
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import lightning as L
@@ -17,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dmtc.losses.reco import downsample_nearest, reco_loss
+from dmtc.memory_bank import ClassMemoryBank, select_pixels
 from dmtc.metrics import IGNORE_INDEX, make_miou_metric, summarize
 
 ENSEMBLE = "ens"
@@ -34,6 +37,38 @@ def upsample_to(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+@dataclass(frozen=True)
+class ContrastiveSettings:
+    """DMTC's regional contrastive term (ReCo, Liu et al., ICLR 2022) for one stage (warm-up or a phase).
+
+    ``weight`` multiplies the loss (DMTC: 1.0 in warm-up, 0.1 in phases; 0 switches the term off).
+    ``resolution``: ``"feature"`` (ReCo: labels, validity and the current model's probabilities are resized
+    nearest to the stride-8 feature grid) or ``"crop"`` (DMTC's code: features upsampled bilinearly to
+    the crop). ``bank_size`` slots per class of a :class:`~dmtc.memory_bank.ClassMemoryBank` per model
+    (0: batch-only ReCo), filled with at most ``bank_per_class_per_step`` features per class and step.
+    The other fields are :func:`~dmtc.losses.reco.reco_loss`'s arguments; ``weak_threshold`` gates
+    pseudo-labeled pixels (see :class:`MutualTrainingModule`).
+    """
+
+    weight: float = 1.0
+    strong_threshold: float = 0.97
+    weak_threshold: float = 0.7
+    temperature: float = 0.5
+    num_queries: int = 256
+    num_negatives: int = 512
+    shared_negatives: bool = True
+    resolution: str = "feature"
+    bank_size: int = 0
+    bank_per_class_per_step: int = 64
+    bank_prototypes: bool = False
+
+    def __post_init__(self) -> None:
+        if self.resolution not in ("feature", "crop"):
+            raise ValueError(f"contrastive resolution must be 'feature' or 'crop', got {self.resolution!r}")
+        if self.weight < 0 or self.bank_size < 0 or self.bank_per_class_per_step < 0:
+            raise ValueError(f"contrastive weight, bank_size and bank_per_class_per_step must be >= 0: {self}")
 
 
 class SegmentationModule(L.LightningModule):
@@ -157,6 +192,20 @@ class MutualTrainingModule(SegmentationModule):
     Loss statistics (disagreement rate, current-model-wins rate, mean weight) are logged as tensors:
     no host synchronisation per step. ``step_offset`` shifts the step axis of the loggers so one logger
     run covers all phases without restarting at 0 (Lightning logs at ``_batches_that_stepped``).
+
+    **DMTC** (``contrastive`` given, models with a projection head returning ``"features"``): each model's
+    loss gains ``weight · reco_loss`` (ReCo, Liu et al., ICLR 2022) on its own features. Warm-up: labels =
+    ground truth, valid = label != 255. Phases: labels = ground truth ++ the *other* model's pseudo labels
+    (the same targets as the mutual loss), valid = label != 255 and, on pseudo-labeled images, the other
+    model's stored confidence > ``weak_threshold`` (the confidence of the label's source, as ReCo gates its
+    pseudo labels by the teacher's confidence). Anchors are hard for the *current* model (its detached
+    softmax < ``strong_threshold``). With ``bank_size > 0`` each model has a
+    :class:`~dmtc.memory_bank.ClassMemoryBank` (``self.banks[key]``, buffers: saved in checkpoints, moved
+    with the module); the loss draws negatives from batch ∪ bank, then the step's valid features are
+    enqueued (after the loss, so a batch never meets its own keys; all-gathered across DDP ranks). The
+    pipeline builds a new module, hence a fresh bank, per phase: the previous phase's features come from
+    other weights. ``train/<key>/contrastive`` and ``train/<key>/bank_fill_mean`` are logged per step
+    (tensors), the per-class fill ``train/<key>/bank_fill/<class>`` at each training epoch's end.
     """
 
     def __init__(
@@ -167,6 +216,7 @@ class MutualTrainingModule(SegmentationModule):
         gamma1: float = 3.0,
         gamma2: float = 3.0,
         step_offset: int = 0,
+        contrastive: ContrastiveSettings | None = None,
         **kwargs: Any,
     ) -> None:
         if set(models) != {"a", "b"}:
@@ -177,6 +227,79 @@ class MutualTrainingModule(SegmentationModule):
         self.stage, self.gamma1, self.gamma2 = stage, float(gamma1), float(gamma2)
         self.step_offset = int(step_offset)
         self.hparams.update({"stage": stage, "gamma1": self.gamma1, "gamma2": self.gamma2})
+        self.contrastive = contrastive
+        self.banks = nn.ModuleDict()
+        if contrastive is not None:
+            dims = {k: getattr(m, "projection_dim", None) for k, m in self.models.items()}
+            if not all(dims.values()):
+                raise ValueError(f"the contrastive term needs models with a projection head; projection_dim: {dims}")
+            if contrastive.bank_size > 0 and contrastive.weight > 0:
+                self.banks.update({
+                    k: ClassMemoryBank(self.num_classes, int(d), contrastive.bank_size) for k, d in dims.items()
+                })
+            self.hparams["contrastive"] = asdict(contrastive)
+
+    @property
+    def contrastive_active(self) -> bool:
+        """Whether the contrastive term is computed in this stage (settings given, weight > 0)."""
+        return self.contrastive is not None and self.contrastive.weight > 0
+
+    def _contrastive_term(
+        self, key: str, out: Mapping[str, torch.Tensor], logits: torch.Tensor, labels: torch.Tensor,
+        valid: torch.Tensor,
+    ) -> torch.Tensor:
+        """``weight · reco_loss`` for model ``key`` (then its bank is fed), or a 0 tied to the features.
+
+        ``out``: the model's output (stride-8 ``logits`` and ``features``); ``logits``: the same upsampled
+        to label resolution; ``labels``/``valid``: N×H×W targets and the pixels allowed to take part.
+        """
+        features = out["features"]
+        settings = self.contrastive
+        if not self.contrastive_active:
+            # Keeps the projection head in the graph (DDP expects every parameter to get a gradient)
+            # while the loss value stays exactly the DMT loss.
+            return features.sum() * 0.0
+        if settings.resolution == "feature":
+            probs_small = out["logits"].detach().float().softmax(1)
+            labels_k, valid_k, probs_k = downsample_nearest(labels, valid, probs_small, features.shape[-2:])
+        else:  # DMTC's crop-resolution variant
+            features = F.interpolate(features, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            labels_k, valid_k, probs_k = labels, valid, logits.detach().float().softmax(1)
+        valid_k = valid_k & (labels_k != self.ignore_index)
+        labels_k = torch.where(valid_k, labels_k, 0)
+        bank = self.banks[key] if key in self.banks else None
+        loss = reco_loss(
+            features, labels_k, valid_k, probs_k, strong_threshold=settings.strong_threshold,
+            temperature=settings.temperature, num_queries=settings.num_queries,
+            num_negatives=settings.num_negatives, memory=bank, shared_negatives=settings.shared_negatives,
+            bank_prototypes=settings.bank_prototypes,
+        )
+        bs = labels.shape[0]
+        self.log(f"train/{key}/contrastive", loss.detach(), batch_size=bs)
+        if bank is not None:
+            bank.enqueue(*select_pixels(features.detach(), labels_k, valid_k),
+                         max_per_class=settings.bank_per_class_per_step)
+            self.log(f"train/{key}/bank_fill_mean", bank.count.float().mean(), batch_size=bs)
+        return settings.weight * loss
+
+    def on_train_epoch_end(self) -> None:  # noqa: D102
+        for key, bank in self.banks.items():
+            fill = bank.fill().cpu().tolist()  # one small copy per epoch
+            for name, count in zip(self.class_names, fill):
+                self.log(f"train/{key}/bank_fill/{name}", float(count), sync_dist=False)
+
+    def _warmup_step(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Warm-up: cross-entropy on the labeled batch (+ the contrastive term with gt labels)."""
+        images, labels = batch["image"], batch["label"]
+        valid = labels != self.ignore_index
+        total = images.new_zeros(())
+        for key, model in self.models.items():
+            out = model(images)
+            logits = upsample_to(out["logits"], labels.shape[-2:])
+            loss = F.cross_entropy(logits, labels, ignore_index=self.ignore_index)
+            self.log(f"train/{key}/loss", loss, prog_bar=True, batch_size=images.shape[0])
+            total = total + loss + self._contrastive_term(key, out, logits, labels, valid)
+        return total
 
     def on_train_start(self) -> None:  # noqa: D102
         # One continuous logged step axis across phases (W&B needs monotonic steps). On resume the loop
@@ -186,7 +309,9 @@ class MutualTrainingModule(SegmentationModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:  # noqa: D102
         if self.stage == "warmup":
-            return super().training_step(batch, batch_idx)
+            if self.contrastive is None:
+                return super().training_step(batch, batch_idx)
+            return self._warmup_step(batch)
         from dmtc.losses.mutual import dynamic_mutual_loss_with_stats
 
         lab, unl = batch["labeled"], batch["unlabeled"]
@@ -201,7 +326,8 @@ class MutualTrainingModule(SegmentationModule):
         for key, other in (("a", "b"), ("b", "a")):
             labels = torch.cat([lab["label"], unl[f"label_{other}"]])
             confidence = torch.cat([ones, unl[f"conf_{other}"].float()])
-            logits = upsample_to(self.models[key](images)["logits"], labels.shape[-2:])
+            out = self.models[key](images)
+            logits = upsample_to(out["logits"], labels.shape[-2:])
             loss, stats = dynamic_mutual_loss_with_stats(
                 logits, labels, confidence, is_pseudo, self.gamma1, self.gamma2, self.ignore_index
             )
@@ -210,4 +336,10 @@ class MutualTrainingModule(SegmentationModule):
             for name, value in stats.items():
                 self.log(f"train/{key}/{name}", value, batch_size=bs)
             total = total + loss
+            if self.contrastive is not None:
+                # Pseudo-labeled pixels take part if their source (the other model) was confident enough.
+                pixel_pseudo = is_pseudo.view(-1, 1, 1)
+                valid = (labels != self.ignore_index) & (
+                    ~pixel_pseudo | (confidence > self.contrastive.weak_threshold))
+                total = total + self._contrastive_term(key, out, logits, labels, valid)
         return total

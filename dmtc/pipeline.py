@@ -1,7 +1,8 @@
 """The DMT protocol end to end (Feng et al., "DMT: Dynamic Mutual Training for Semi-Supervised
 Learning", Pattern Recognition 2022, §3 and Algorithm 1).
 
-``run_dmt(cfg)`` (``python train.py method=dmt``):
+``run_dmt(cfg)`` (``python train.py method=dmt``, or ``method=dmtc``: the same protocol with DMTC's
+contrastive term, see :func:`contrastive_settings`):
 
 1. **Warm-up (phase 0):** models A and B, initialised differently (``method.pair_init``), learn the
    labeled split with cross-entropy, side by side on the same batches (the dataset's supervised schedule).
@@ -43,7 +44,7 @@ from dmtc.data.transforms import build_train_transform
 from dmtc.errors import DMTCError
 from dmtc.labeling import label_images, labeling_transform, pseudo_label_summary
 from dmtc.models import load_dmt_checkpoint
-from dmtc.module import ENSEMBLE, MutualTrainingModule
+from dmtc.module import ENSEMBLE, ContrastiveSettings, MutualTrainingModule
 from dmtc.results import write_json
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,22 @@ def _optim_kwargs(cfg: DictConfig, lr: float) -> dict[str, Any]:
     }
 
 
+def contrastive_settings(cfg: DictConfig, phase: Phase) -> ContrastiveSettings | None:
+    """DMTC's contrastive term for ``phase`` from ``method.contrastive`` (None for ``method=dmt``): weight
+    ``weight_warmup`` in phase 0, ``weight_phase`` in DMT phases (DMTC: 1.0 / 0.1)."""
+    c = cfg.method.get("contrastive")
+    if c is None:
+        return None
+    return ContrastiveSettings(
+        weight=float(c.weight_warmup if phase.ratio is None else c.weight_phase),
+        strong_threshold=float(c.strong_threshold), weak_threshold=float(c.weak_threshold),
+        temperature=float(c.temperature), num_queries=int(c.num_queries), num_negatives=int(c.num_negatives),
+        shared_negatives=bool(c.get("shared_negatives", True)), resolution=str(c.resolution),
+        bank_size=int(c.bank_size), bank_per_class_per_step=int(c.bank_per_class_per_step),
+        bank_prototypes=bool(c.bank_prototypes),
+    )
+
+
 def _rel(path: str | Path, root: Path) -> str:
     return os.path.relpath(Path(path).resolve(), root.resolve())
 
@@ -173,14 +190,15 @@ def _fit_phase(ctx: _Context, phase: Phase, step_offset: int, pseudo: dict[str, 
     phase_dir = run_dir / phase.name
     start = time.perf_counter()
     callbacks = _checkpoint_callbacks(phase_dir)
+    contrastive = contrastive_settings(cfg, phase)  # a new module per phase: a fresh memory bank
     if phase.ratio is None:
-        module = MutualTrainingModule(ctx.models, stage="warmup", step_offset=step_offset,
+        module = MutualTrainingModule(ctx.models, stage="warmup", step_offset=step_offset, contrastive=contrastive,
                                       **_optim_kwargs(cfg, cfg.optim.lr))
         overrides: dict[str, Any] = {}
     else:
         p = cfg.method.phase
         module = MutualTrainingModule(ctx.models, stage="mutual", gamma1=p.gamma1, gamma2=p.gamma2,
-                                      step_offset=step_offset, **_optim_kwargs(cfg, p.lr))
+                                      step_offset=step_offset, contrastive=contrastive, **_optim_kwargs(cfg, p.lr))
         overrides = {"max_epochs": int(p.epochs), "max_steps": int(p.max_steps), "num_sanity_val_steps": 0,
                      "val_check_interval": p.val_check_interval, "check_val_every_n_epoch": 1}
     trainer = build_trainer(cfg, loggers=ctx.loggers, exclude_callbacks=("model_checkpoint",),
@@ -281,7 +299,7 @@ def _final_results(cfg: DictConfig, ctx: _Context, records: list[dict[str, Any]]
         })
     return {
         "task": "train",
-        "method": "dmt",
+        "method": str(cfg.method.name),
         "dataset": cfg.dataset.name,
         "split": str(cfg.split),
         "sid": int(cfg.sid),
@@ -310,8 +328,8 @@ def _final_results(cfg: DictConfig, ctx: _Context, records: list[dict[str, Any]]
 def format_dmt_table(results: dict[str, Any]) -> str:
     """Per-phase mIoU of A, B and their ensemble, then warm-up vs final."""
     head = f"{'phase':<16}{'ratio':>6}{'A':>8}{'B':>8}{'A+B':>8}"
-    lines = [f"DMT {results['dataset']} split={results['split']} sid={results['sid']}: val mIoU (%)", head,
-             "-" * len(head)]
+    title = f"{results['method'].upper()} {results['dataset']} split={results['split']} sid={results['sid']}"
+    lines = [f"{title}: val mIoU (%)", head, "-" * len(head)]
     for ph in results["phases"]:
         v = ph["val"]
         ratio = "-" if ph["ratio"] is None else f"{ph['ratio']:g}"

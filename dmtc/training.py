@@ -29,15 +29,15 @@ def _checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint | None:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run the configured method (``method.name``): ``supervised`` here, ``dmt`` in
-    :func:`dmtc.pipeline.run_dmt`; return (and write) the results dictionary."""
+    """Run the configured method (``method.name``): ``supervised`` here, ``dmt`` and ``dmtc`` (DMT plus the
+    contrastive term) in :func:`dmtc.pipeline.run_dmt`; return (and write) the results dictionary."""
     method = str(cfg.method.name)
-    if method == "dmt":
+    if method in ("dmt", "dmtc"):
         from dmtc.pipeline import run_dmt
 
         return run_dmt(cfg)
     if method != "supervised":
-        raise DMTCError(f"method={method!r} is not implemented; choose supervised or dmt")
+        raise DMTCError(f"method={method!r} is not implemented; choose supervised, dmt or dmtc")
     return train_supervised(cfg)
 
 
