@@ -152,14 +152,17 @@ def contrastive_settings(cfg: DictConfig, phase: Phase) -> ContrastiveSettings |
     c = cfg.method.get("contrastive")
     if c is None:
         return None
-    return ContrastiveSettings(
-        weight=float(c.weight_warmup if phase.ratio is None else c.weight_phase),
-        strong_threshold=float(c.strong_threshold), weak_threshold=float(c.weak_threshold),
-        temperature=float(c.temperature), num_queries=int(c.num_queries), num_negatives=int(c.num_negatives),
-        shared_negatives=bool(c.get("shared_negatives", True)), resolution=str(c.resolution),
-        bank_size=int(c.bank_size), bank_per_class_per_step=int(c.bank_per_class_per_step),
-        bank_prototypes=bool(c.bank_prototypes),
-    )
+    try:
+        return ContrastiveSettings(
+            weight=float(c.weight_warmup if phase.ratio is None else c.weight_phase),
+            strong_threshold=float(c.strong_threshold), weak_threshold=float(c.weak_threshold),
+            temperature=float(c.temperature), num_queries=int(c.num_queries), num_negatives=int(c.num_negatives),
+            shared_negatives=bool(c.get("shared_negatives", True)), resolution=str(c.resolution),
+            bank_size=int(c.bank_size), bank_per_class_per_step=int(c.bank_per_class_per_step),
+            bank_prototypes=bool(c.bank_prototypes),
+        )
+    except ValueError as err:
+        raise DMTCError(f"method.contrastive: {err}") from err
 
 
 def _rel(path: str | Path, root: Path) -> str:
@@ -351,6 +354,8 @@ def run_dmt(cfg: DictConfig) -> dict[str, Any]:
         log.info("%s exists: this run is finished (pass overwrite=true or another run dir to retrain)", results_path)
         return json.loads(results_path.read_text())
     phases = phases_of(cfg)
+    for phase in phases[:2]:  # the warm-up's and the phases' settings: fail before any work
+        contrastive_settings(cfg, phase)
     if cfg.get("overwrite", False) and _rank_zero():
         results_path.unlink(missing_ok=True)
         for phase in phases:

@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import REPO, tiny_run_overrides
+from conftest import REPO, expect_user_error, tiny_run_overrides
 
 from dmtc.models import deeplab_v2, load_dmt_checkpoint
 from dmtc.module import ContrastiveSettings, MutualTrainingModule
@@ -102,6 +102,12 @@ def test_dmtc_config_composes(compose_cfg):
 
 
 NO_TRAINER = pytest.mark.filterwarnings("ignore:You are trying to `self.log()`")
+
+
+def test_bad_contrastive_setting_is_one_message(compose_cfg, capsys):
+    cfg = compose_cfg(overrides=[*DMTC, "method.contrastive.resolution=full"])
+    expect_user_error(train, cfg, capsys, "method.contrastive", "resolution")
+    assert not (Path(cfg.paths.output_dir) / "phase0_warmup").exists()
 
 
 @NO_TRAINER
