@@ -1,47 +1,123 @@
 """Evaluate any checkpoint (ours or a DMT/DMTC release file) on the validation set.
 
 mIoU = mean over classes present in prediction or ground truth of TP / (TP + FP + FN), 255 ignored
-(see :mod:`dmtc.metrics`). Predictions are made at the evaluation size of the dataset config (logits
-upsampled bilinearly to label resolution).
+(see :mod:`dmtc.metrics`; the official Cityscapes script averages the same classes: a class absent from
+both gets NaN there and is skipped, a class only predicted scores 0 in both).
+
+Protocols (``eval.protocol``):
+
+* ``dmt`` — DMT §4.1, the papers' numbers: Cityscapes images resized to ``dataset.eval_size`` 512×1024
+  with labels resized nearest; VOC full images zero-padded to 505×505 (``eval.pad_to``), batch 1.
+* ``full`` — the original resolution (the Cityscapes benchmark: 1024×2048 labels); the model runs on the
+  original image and its logits are upsampled bilinearly to the label size.
+
+``eval.flip`` and ``eval.scales`` add test-time flip / multi-scale (:func:`dmtc.inference.predict_probs`).
+``eval.export_dir`` writes one PNG per image (:mod:`dmtc.export`) at the original image size: Cityscapes
+label ids for ``csEvalPixelLevelSemanticLabeling`` (which scores them exactly as ``protocol=full`` does),
+palette PNGs otherwise.
+
+The model is built randomly initialised and filled from ``ckpt``; its input pipeline follows
+``backbone.init`` (the init it was trained from: set ``backbone.init=coco`` for a COCO-initialised model).
+Evaluation runs on one device (no sampler padding), in a plain loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from dmtc.builders import build_layout, build_model, build_module, build_trainer, input_normalization, prepare_dataset
+from dmtc.builders import build_layout, build_model, input_normalization, prepare_dataset
 from dmtc.data.datasets import SegmentationDataset
 from dmtc.data.transforms import build_eval_transform
 from dmtc.errors import DMTCError
+from dmtc.export import PredictionWriter
+from dmtc.inference import predict_probs
+from dmtc.metrics import make_miou_metric, summarize
 from dmtc.models import load_dmt_checkpoint
 from dmtc.results import format_table, write_json
 
 log = logging.getLogger(__name__)
 
+PROTOCOLS = ("dmt", "full")
 
-def build_val_loader(cfg: DictConfig) -> DataLoader:
-    """DataLoader over the dataset's validation images with the evaluation transform."""
+
+def eval_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The evaluation protocol of ``cfg.eval`` resolved for the dataset: ``protocol``, ``resize`` (input
+    and label size or None), ``pad_to`` (or None), ``scales``, ``flip``, ``export_dir`` (or None)."""
+    ev = cfg.get("eval") or {}
+    protocol = str(ev.get("protocol", "dmt"))
+    if protocol not in PROTOCOLS:
+        raise DMTCError(f"eval.protocol={protocol} is not a protocol; use dmt (DMT's, the papers' numbers) or "
+                        "full (original resolution, the Cityscapes benchmark)")
+    dmt = protocol == "dmt"
+    resize = cfg.dataset.get("eval_size") if dmt else None
+    pad_to = ev.get("pad_to") if dmt else None
+    scales = [float(s) for s in (ev.get("scales") or [1.0])]
+    if any(s <= 0 for s in scales):
+        raise DMTCError(f"eval.scales={scales}: every scale must be positive (e.g. [0.75,1.0,1.25])")
+    return {
+        "protocol": protocol,
+        "resize": list(resize) if resize else None,
+        "pad_to": list(pad_to) if pad_to else None,
+        "scales": scales,
+        "flip": bool(ev.get("flip", False)),
+        "export_dir": str(ev.get("export_dir")) if ev.get("export_dir") else None,
+    }
+
+
+def build_val_loader(cfg: DictConfig, resize: list[int] | None = None) -> DataLoader:
+    """DataLoader over the dataset's validation images, resized to ``resize`` (labels nearest) if given."""
     prepare_dataset(cfg)
     layout = build_layout(cfg)
     ds = cfg.dataset
     names = layout.names(ds.val_subset)
     layout.check_files(ds.val_subset, names)
-    eval_base = list(ds.eval_size) if ds.get("eval_size") else None
-    transform = build_eval_transform(base_size=eval_base, **input_normalization(cfg))
+    transform = build_eval_transform(base_size=resize, **input_normalization(cfg))
     dataset = SegmentationDataset(layout, ds.val_subset, names, transform)
     return DataLoader(
         dataset,
         batch_size=int(ds.val_batch_size),
         num_workers=int(ds.num_workers),
-        pin_memory=torch.cuda.is_available(),
+        collate_fn=list,  # items are stacked per image size (full VOC images differ): _same_size_batches
     )
+
+
+def _same_size_batches(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stack consecutive loader items of equal image size into batches (``image``, ``label``, ``size``
+    stacked; ``name`` a list)."""
+    groups: list[list[dict[str, Any]]] = []
+    for item in items:
+        if groups and groups[-1][0]["image"].shape == item["image"].shape:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return [
+        {
+            "image": torch.stack([i["image"] for i in group]),
+            "label": torch.stack([i["label"] for i in group]),
+            "size": torch.stack([i["size"] for i in group]),
+            "name": [i["name"] for i in group],
+        }
+        for group in groups
+    ]
+
+
+def _device_and_autocast(cfg: DictConfig) -> tuple[torch.device, Any]:
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    use_cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    device = torch.device("cuda" if use_cuda else "cpu")
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision)
+    if dtype is None or (dtype is torch.float16 and not use_cuda):
+        return device, contextlib.nullcontext
+    return device, lambda: torch.autocast(device.type, dtype=dtype)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -51,15 +127,38 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     ckpt = Path(cfg.ckpt)
     if not ckpt.is_file():
         raise DMTCError(f"checkpoint {ckpt} (ckpt=) does not exist")
+    settings = eval_settings(cfg)
     start = time.perf_counter()
-    model = build_model(cfg)
+    model = build_model(cfg, init="none")  # every tensor comes from the checkpoint
     report = load_dmt_checkpoint(model, ckpt, model_key=cfg.get("model_key"), allow_head_mismatch=False)
     log.info("loaded %d tensors from %s", len(report.loaded), ckpt)
-    loader = build_val_loader(cfg)
-    module = build_module(cfg, {"a": model})
-    trainer = build_trainer(cfg)
-    trainer.validate(module, dataloaders=loader, verbose=False)
-    summary = module.val_summaries["a"]
+    loader = build_val_loader(cfg, settings["resize"])
+    writer = None
+    if settings["export_dir"]:
+        writer = PredictionWriter(settings["export_dir"], cityscapes=cfg.dataset.get("label_map") == "cityscapes",
+                                  num_classes=int(cfg.dataset.num_classes))
+    device, autocast = _device_and_autocast(cfg)
+    model.to(device).eval()
+    metric = make_miou_metric(int(cfg.dataset.num_classes)).to(device)
+    log.info("evaluating %d images, protocol %s (input %s, pad %s, scales %s, flip %s)", len(loader.dataset),
+             settings["protocol"], settings["resize"] or "original size", settings["pad_to"], settings["scales"],
+             settings["flip"])
+    with torch.no_grad():
+        for batch in (b for items in loader for b in _same_size_batches(items)):
+            images = batch["image"].to(device)
+            labels = batch["label"].to(device)
+            with autocast():
+                probs = predict_probs(model, images, labels.shape[-2:], scales=settings["scales"],
+                                      flip=settings["flip"], pad_to=settings["pad_to"])
+            metric.update(probs.argmax(1), labels)
+            if writer is not None:
+                for i, name in enumerate(batch["name"]):
+                    size = tuple(int(s) for s in batch["size"][i])
+                    p = probs[i : i + 1]
+                    if tuple(p.shape[-2:]) != size:  # dmt protocol: back to the original image size
+                        p = torch.nn.functional.interpolate(p, size=size, mode="bilinear", align_corners=False)
+                    writer.write(name, p[0].argmax(0).cpu().numpy())
+    summary = summarize(metric.confmat.detach().cpu(), list(cfg.dataset.class_names))
     results = {
         "task": "evaluate",
         "dataset": cfg.dataset.name,
@@ -68,10 +167,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "miou": summary["miou"],
         "per_class_iou": summary["per_class_iou"],
         "num_val": len(loader.dataset),
+        "eval": {**settings, "input_init": str(cfg.backbone.get("init", "none"))},
         "wall_time_s": round(time.perf_counter() - start, 1),
     }
-    if trainer.is_global_zero:
-        path = write_json(Path(cfg.paths.output_dir) / "results.json", results)
-        print(format_table(f"{cfg.dataset.name} val IoU (%) of {ckpt.name}", summary["per_class_iou"], summary["miou"]))
-        log.info("results written to %s", path)
+    if writer is not None:
+        log.info("wrote %d predictions to %s", writer.written, writer.directory)
+    path = write_json(Path(cfg.paths.output_dir) / "results.json", results)
+    title = f"{cfg.dataset.name} val IoU (%) of {ckpt.name}, protocol {settings['protocol']}"
+    print(format_table(title, summary["per_class_iou"], summary["miou"]))
+    log.info("results written to %s (eval settings %s)", path, OmegaConf.to_yaml(OmegaConf.create(settings)).strip())
     return results

@@ -1,0 +1,82 @@
+"""Test-time inference: class probabilities at label resolution, optionally padded, flipped, multi-scale.
+
+Used by :mod:`dmtc.evaluation`. The protocols it serves (DMT §4.1; the Cityscapes benchmark):
+
+* DMT's protocol (``eval.protocol=dmt``): Cityscapes images resized to 512×1024 (labels nearest, by the
+  evaluation transform); VOC full images zero-padded (after normalisation) at the bottom/right to 505×505,
+  the padding cropped off the upsampled prediction (= labels padded with 255). Single scale, no flip.
+* Full resolution (``eval.protocol=full``): the original images (Cityscapes 1024×2048), logits upsampled
+  bilinearly to the label size.
+* Optional test-time augmentation: ``flip`` averages the softmax of the image and of its mirror (mirrored
+  back); ``scales`` runs the image resized by each factor (bilinear) and averages the softmax after
+  upsampling each to the target size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def pad_bottom_right(images: torch.Tensor, size: Sequence[int] | None, value: float = 0.0) -> torch.Tensor:
+    """Pad N×C×H×W ``images`` at the bottom/right to at least ``size`` (H, W) with ``value``; larger
+    images are left as they are in that dimension (no cropping)."""
+    if size is None:
+        return images
+    height, width = images.shape[-2:]
+    pad_h, pad_w = max(0, int(size[0]) - height), max(0, int(size[1]) - width)
+    if pad_h == 0 and pad_w == 0:
+        return images
+    return F.pad(images, (0, pad_w, 0, pad_h), value=value)
+
+
+def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    out = model(images)
+    return out["logits"] if isinstance(out, dict) else out
+
+
+@torch.no_grad()
+def predict_probs(
+    model: nn.Module,
+    images: torch.Tensor,
+    out_size: Sequence[int] | None = None,
+    *,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    pad_to: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Softmax probabilities N×C×``out_size`` (float32) of ``model`` on normalised N×3×H×W ``images``.
+
+    ``pad_to``: zero-pad the input at the bottom/right to this size first (DMT's VOC 505×505); the logits
+    are upsampled to the padded size and the padding cropped off. ``scales``: resize factors of the
+    (padded) input; ``flip``: add the horizontally mirrored input. The probabilities of all passes are
+    averaged after bilinear upsampling to the (padded) input size; the result is then resized to
+    ``out_size`` (default: the input size) if that differs.
+    """
+    if not scales:
+        raise ValueError("scales must hold at least one factor")
+    height, width = images.shape[-2:]
+    padded = pad_bottom_right(images, pad_to)
+    target = tuple(padded.shape[-2:])
+    total = None
+    passes = 0
+    for scale in scales:
+        x = padded
+        if float(scale) != 1.0:
+            size = (max(1, round(target[0] * float(scale))), max(1, round(target[1] * float(scale))))
+            x = F.interpolate(padded, size=size, mode="bilinear", align_corners=False)
+        for mirrored in (False, True) if flip else (False,):
+            inp = x.flip(-1) if mirrored else x
+            logits = F.interpolate(_logits(model, inp).float(), size=target, mode="bilinear", align_corners=False)
+            probs = logits.softmax(1)
+            if mirrored:
+                probs = probs.flip(-1)
+            total = probs if total is None else total + probs
+            passes += 1
+    probs = total[..., :height, :width] / passes
+    if out_size is not None and tuple(int(s) for s in out_size) != (height, width):
+        probs = F.interpolate(probs, size=tuple(int(s) for s in out_size), mode="bilinear", align_corners=False)
+    return probs
