@@ -303,7 +303,6 @@ def test_all_reduce_single_rank_process_group(tmp_path):
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
 def test_all_reduce_sums_across_ranks(tmp_path):
     torch.multiprocessing.spawn(_all_reduce_worker, args=(2, tmp_path / "init", tmp_path), nprocs=2)
     expected = torch.zeros(3, 8, dtype=torch.int64)
