@@ -295,6 +295,9 @@ def build_datamodule(cfg: DictConfig, *, check_files: bool = True) -> tuple[Segm
     )
     eval_base = list(ds.eval_size) if ds.get("eval_size") else None
     eval_tf = build_eval_transform(base_size=eval_base, **norm)
+    val_layout = layout
+    if ds.get("resized_cache"):
+        layout, val_layout = resized_layouts(cfg, layout, split)
     datamodule = SegmentationDataModule(
         layout,
         split.labeled,
@@ -306,8 +309,31 @@ def build_datamodule(cfg: DictConfig, *, check_files: bool = True) -> tuple[Segm
         num_workers=ds.num_workers,
         train_subset=ds.train_subset,
         val_subset=ds.val_subset,
+        val_layout=val_layout,
     )
     return datamodule, split
+
+
+def resized_layouts(cfg: DictConfig, layout: DatasetLayout, split: Split) -> tuple[DatasetLayout, DatasetLayout]:
+    """(training layout, validation layout) reading the one-time resized cache (``dataset.resized_cache``,
+    :mod:`dmtc.data.resized_cache`) built or completed here: the split's labeled and unlabeled images at
+    ``dataset.base_size`` (DMT §4.1: Cityscapes 512×1024), and the validation images too when
+    ``dataset.eval_size`` is the same size (DMT's protocol); otherwise validation keeps the originals."""
+    from dmtc.data.resized_cache import build_resized_cache, cache_root
+
+    ds = cfg.dataset
+    if not ds.get("base_size"):
+        raise DMTCError(f"dataset.resized_cache=true needs dataset.base_size (dataset={ds.name} has none): the "
+                        "cache stores images at the training base size")
+    size = [int(v) for v in ds.base_size]
+    names = {ds.train_subset: [*split.labeled, *split.unlabeled]}
+    same_eval = bool(ds.get("eval_size")) and [int(v) for v in ds.eval_size] == size
+    if same_eval:
+        names.setdefault(ds.val_subset, []).extend(split.val)
+    base_dir = ds.get("resized_cache_dir") or Path(cfg.paths.cache_dir) / "resized" / str(ds.name)
+    cached = build_resized_cache(layout, names, size, cache_root(base_dir, size),
+                                 processes=int(ds.get("num_workers") or 0))
+    return cached, cached if same_eval else layout
 
 def init_weights_path(cfg: DictConfig, init: str | None = None) -> str | None:
     """Weight file of initialisation ``init`` (default ``backbone.init``): ``backbone.weights`` for the

@@ -35,9 +35,12 @@ class SegmentationDataModule(L.LightningDataModule):
         train_subset: str = "train",
         val_subset: str = "val",
         persistent_workers: bool = True,
+        val_layout: DatasetLayout | None = None,
     ) -> None:
         super().__init__()
         self.layout = layout
+        # validation may read other files than training (originals when only training uses a resized cache)
+        self.val_layout = layout if val_layout is None else val_layout
         self.labeled, self.val = list(labeled), list(val)
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self.batch_size, self.val_batch_size = int(batch_size), int(val_batch_size)
@@ -51,7 +54,7 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def val_dataset(self) -> SegmentationDataset:
         """Validation images with the evaluation transform."""
-        return SegmentationDataset(self.layout, self.val_subset, self.val, self.eval_transform)
+        return SegmentationDataset(self.val_layout, self.val_subset, self.val, self.eval_transform)
 
     def _loader(self, dataset: SegmentationDataset, batch_size: int, train: bool) -> DataLoader:
         return DataLoader(
