@@ -16,6 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dmtc.data.datasets import read_label
 from dmtc.data.layouts import DatasetLayout
 from dmtc.errors import DMTCError
 
@@ -114,14 +115,10 @@ def check_label_values(
     picks = sorted({round(i * (len(names) - 1) / max(count - 1, 1)) for i in range(count)})
     for index in picks:
         path = layout.label_path(subset, names[index])
-        label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if label is None:
-            raise DMTCError(f"cannot read label {path}: the file is corrupt; restore or re-download it")
-        if label.ndim != 2 or label.dtype != np.uint8:
-            raise DMTCError(
-                f"label {path} has shape {label.shape} and dtype {label.dtype}: expected a single-channel 8-bit "
-                f"PNG of class ids (check dataset.label_template={layout.label_template!r}: is it the right file kind?)"
-            )
+        try:
+            label = read_label(path)  # raw values: the label map is checked through ``allowed``
+        except DMTCError as err:
+            raise DMTCError(f"{err} (dataset.label_template={layout.label_template!r})") from None
         values = {int(v) for v in np.unique(label)}
         bad = sorted(values - allowed)
         if bad:
