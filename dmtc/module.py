@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dmtc.losses.mutual import dynamic_mutual_loss_with_stats
 from dmtc.losses.reco import downsample_nearest, reco_loss
 from dmtc.memory_bank import ClassMemoryBank, select_pixels
 from dmtc.metrics import IGNORE_INDEX, make_miou_metric, summarize
@@ -125,14 +126,28 @@ class SegmentationModule(L.LightningModule):
         """Run model ``key`` (default: the primary model)."""
         return self.models[key or self.primary](images)
 
+    def auxiliary_loss(
+        self, key: str, out: Mapping[str, torch.Tensor], logits: torch.Tensor, labels: torch.Tensor,
+        valid: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """An extra loss term for model ``key`` added to its segmentation loss; none here (DMTC adds its
+        contrastive term). ``out``: the model's raw output; ``logits``: upsampled to the N×H×W ``labels``;
+        ``valid``: the pixels allowed to take part."""
+        return None
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:  # noqa: D102
         images, labels = batch["image"], batch["label"]
+        valid = labels != self.ignore_index
         total = images.new_zeros(())
         for key, model in self.models.items():
-            logits = upsample_to(model(images)["logits"], labels.shape[-2:])
+            out = model(images)
+            logits = upsample_to(out["logits"], labels.shape[-2:])
             loss = F.cross_entropy(logits, labels, ignore_index=self.ignore_index)
             self.log(f"train/{key}/loss", loss, prog_bar=True, batch_size=images.shape[0])
             total = total + loss
+            extra = self.auxiliary_loss(key, out, logits, labels, valid)
+            if extra is not None:
+                total = total + extra
         return total
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:  # noqa: D102
@@ -244,15 +259,18 @@ class MutualTrainingModule(SegmentationModule):
         """Whether the contrastive term is computed in this stage (settings given, weight > 0)."""
         return self.contrastive is not None and self.contrastive.weight > 0
 
-    def _contrastive_term(
+    def auxiliary_loss(
         self, key: str, out: Mapping[str, torch.Tensor], logits: torch.Tensor, labels: torch.Tensor,
         valid: torch.Tensor,
-    ) -> torch.Tensor:
-        """``weight · reco_loss`` for model ``key`` (then its bank is fed), or a 0 tied to the features.
+    ) -> torch.Tensor | None:
+        """DMTC: ``weight · reco_loss`` for model ``key`` (then its bank is fed), a 0 tied to the features
+        when the weight is 0, ``None`` for plain DMT.
 
         ``out``: the model's output (stride-8 ``logits`` and ``features``); ``logits``: the same upsampled
         to label resolution; ``labels``/``valid``: N×H×W targets and the pixels allowed to take part.
         """
+        if self.contrastive is None:
+            return None
         features = out["features"]
         settings = self.contrastive
         if not self.contrastive_active:
@@ -288,19 +306,6 @@ class MutualTrainingModule(SegmentationModule):
             for name, count in zip(self.class_names, fill):
                 self.log(f"train/{key}/bank_fill/{name}", float(count), sync_dist=False)
 
-    def _warmup_step(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Warm-up: cross-entropy on the labeled batch (+ the contrastive term with gt labels)."""
-        images, labels = batch["image"], batch["label"]
-        valid = labels != self.ignore_index
-        total = images.new_zeros(())
-        for key, model in self.models.items():
-            out = model(images)
-            logits = upsample_to(out["logits"], labels.shape[-2:])
-            loss = F.cross_entropy(logits, labels, ignore_index=self.ignore_index)
-            self.log(f"train/{key}/loss", loss, prog_bar=True, batch_size=images.shape[0])
-            total = total + loss + self._contrastive_term(key, out, logits, labels, valid)
-        return total
-
     def on_train_start(self) -> None:  # noqa: D102
         # One continuous logged step axis across phases (W&B needs monotonic steps). On resume the loop
         # state restored from last.ckpt already includes the offset.
@@ -308,12 +313,8 @@ class MutualTrainingModule(SegmentationModule):
         loop._batches_that_stepped = max(loop._batches_that_stepped, self.step_offset + self.global_step)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:  # noqa: D102
-        if self.stage == "warmup":
-            if self.contrastive is None:
-                return super().training_step(batch, batch_idx)
-            return self._warmup_step(batch)
-        from dmtc.losses.mutual import dynamic_mutual_loss_with_stats
-
+        if self.stage == "warmup":  # cross-entropy on the labeled batch (+ DMTC's term with gt labels)
+            return super().training_step(batch, batch_idx)
         lab, unl = batch["labeled"], batch["unlabeled"]
         n_lab, n_unl = lab["image"].shape[0], unl["image"].shape[0]
         images = torch.cat([lab["image"], unl["image"]])
@@ -341,5 +342,5 @@ class MutualTrainingModule(SegmentationModule):
                 pixel_pseudo = is_pseudo.view(-1, 1, 1)
                 valid = (labels != self.ignore_index) & (
                     ~pixel_pseudo | (confidence > self.contrastive.weak_threshold))
-                total = total + self._contrastive_term(key, out, logits, labels, valid)
+                total = total + self.auxiliary_loss(key, out, logits, labels, valid)
         return total
