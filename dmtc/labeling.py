@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -30,7 +31,7 @@ from dmtc.data.datasets import read_image, read_label
 from dmtc.data.layouts import DatasetLayout
 from dmtc.data.transforms import build_eval_transform
 from dmtc.errors import DMTCError
-from dmtc.metrics import summarize
+from dmtc.metrics import make_miou_metric, summarize
 from dmtc.pseudo_labels import ConfidenceHistogram, PseudoLabelStore, apply_thresholds, predict_to_store
 
 log = logging.getLogger(__name__)
@@ -159,18 +160,17 @@ def pseudo_label_summary(
         layout.label_path(subset, n).is_file() for n in names
     ):
         n = len(class_names)
-        confmat = torch.zeros(n, n, dtype=torch.int64)
+        metric = make_miou_metric(n, ignore_index)
         for name in names:
             label, conf = store.load(name)
             pseudo = apply_thresholds(label, conf, thresholds, ignore_index)
             gt = read_label(layout.label_path(subset, name), layout.label_map)
             if gt.shape != pseudo.shape:
-                import cv2
-
                 gt = cv2.resize(gt, pseudo.shape[::-1], interpolation=cv2.INTER_NEAREST)
             valid = (pseudo != ignore_index) & (gt != ignore_index) & (gt < n)
-            idx = gt[valid].astype(np.int64) * n + pseudo[valid].astype(np.int64)
-            confmat += torch.from_numpy(np.bincount(idx, minlength=n * n).reshape(n, n))
+            metric.update(torch.from_numpy(pseudo[valid].astype(np.int64)),
+                          torch.from_numpy(gt[valid].astype(np.int64)))
+        confmat = metric.confmat
         quality = summarize(confmat, class_names)
         cols = confmat.sum(0).double()
         quality["precision"] = {
