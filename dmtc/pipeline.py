@@ -349,10 +349,7 @@ def format_dmt_table(results: dict[str, Any]) -> str:
 def run_dmt(cfg: DictConfig) -> dict[str, Any]:
     """Run (or resume) the whole DMT protocol as configured; write and return ``results.json``."""
     run_dir = Path(cfg.paths.output_dir)
-    results_path = run_dir / "results.json"
-    if results_path.is_file() and not cfg.get("overwrite", False):
-        log.info("%s exists: this run is finished (pass overwrite=true or another run dir to retrain)", results_path)
-        return json.loads(results_path.read_text())
+    results_path = run_dir / "results.json"  # a finished run is reported by dmtc.training.train
     phases = phases_of(cfg)
     for phase in phases[:2]:  # the warm-up's and the phases' settings: fail before any work
         contrastive_settings(cfg, phase)

@@ -30,7 +30,14 @@ def _checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint | None:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured method (``method.name``): ``supervised`` here, ``dmt`` and ``dmtc`` (DMT plus the
-    contrastive term) in :func:`dmtc.pipeline.run_dmt`; return (and write) the results dictionary."""
+    contrastive term) in :func:`dmtc.pipeline.run_dmt`; return (and write) the results dictionary.
+
+    A run folder that already holds ``results.json`` is finished: its results are returned without
+    training (``overwrite=true`` retrains)."""
+    results_path = Path(cfg.paths.output_dir) / "results.json"
+    if results_path.is_file() and not cfg.get("overwrite", False):
+        log.info("%s exists: this run is finished (pass overwrite=true or another run dir to retrain)", results_path)
+        return json.loads(results_path.read_text())
     method = str(cfg.method.name)
     if method in ("dmt", "dmtc"):
         from dmtc.pipeline import run_dmt
@@ -45,9 +52,6 @@ def train_supervised(cfg: DictConfig) -> dict[str, Any]:
     """Run supervised training as configured; return (and write) the results dictionary."""
     output_dir = Path(cfg.paths.output_dir)
     results_path = output_dir / "results.json"
-    if results_path.is_file() and not cfg.get("overwrite", False):
-        log.info("%s exists: this run is finished (pass overwrite=true or another run dir to retrain)", results_path)
-        return json.loads(results_path.read_text())
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     start = time.perf_counter()
