@@ -207,7 +207,7 @@ def sample_reco(
     valid = valid.bool()
     pix = valid.reshape(-1).nonzero().squeeze(1)  # flat indices of valid pixels, ascending
     lab = labels.reshape(-1)[pix].long()
-    if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= num_classes):
+    if bool(((lab < 0) | (lab >= num_classes)).any()):  # one host sync for the check, not two
         raise ValueError(
             f"valid pixels must have labels in [0, {num_classes}); got {int(lab.min())}..{int(lab.max())} "
             "(mark ignored pixels, e.g. 255, as not valid)"
