@@ -14,6 +14,7 @@ trusted (it is cleared and rewritten).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,7 +33,13 @@ from dmtc.data.layouts import DatasetLayout
 from dmtc.data.transforms import build_eval_transform
 from dmtc.errors import DMTCError
 from dmtc.metrics import make_miou_metric, summarize
-from dmtc.pseudo_labels import ConfidenceHistogram, PseudoLabelStore, apply_thresholds, predict_to_store
+from dmtc.pseudo_labels import (
+    SCORE_FORMAT,
+    ConfidenceHistogram,
+    PseudoLabelStore,
+    apply_thresholds,
+    predict_to_store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +104,8 @@ def label_images(
     anything else there (a store interrupted mid-write, another model's labels) is cleared and rewritten.
     """
     store = PseudoLabelStore(directory)
-    expected = {**dict(meta), "num_classes": int(num_classes), "num_images": len(names)}
+    expected = {**dict(meta), "num_classes": int(num_classes), "num_images": len(names),
+                "score_format": SCORE_FORMAT}
     if store.is_complete(expected) and sorted(store.names()) == sorted(names):
         hist = store.load_histogram()
         if hist.num_classes == num_classes:
@@ -138,14 +146,17 @@ def pseudo_label_summary(
     subset: str | None = None,
     ignore_index: int = 255,
 ) -> dict[str, Any]:
-    """Per class ``{"predicted", "kept", "threshold"}`` pixel counts for ``ratio``; with a layout whose
+    """Per class ``{"predicted", "kept", "threshold", "threshold_score"}`` for ``ratio``: pixel counts, the
+    confidence threshold p_c (float64, may print as 1.0 when p_c > 1 - 1e-16) and the score threshold
+    ``-log(1 - p_c)`` the dataset compares against (None for a class nobody predicts). With a layout whose
     labels exist for every stored image (the synthetic set), also the kept pseudo labels' quality against
     ground truth: ``quality = {"miou", "per_class_iou", "precision": {class: % of kept pixels that are
     correct}}`` over pixels kept and not ignored in the ground truth (never used for training)."""
     predicted, kept = histogram.predicted(), histogram.kept(thresholds)
     classes = {
         name: {"predicted": int(predicted[c]), "kept": int(kept[c]),
-               "threshold": float(thresholds[c]) if torch.isfinite(thresholds[c]) else None}
+               "threshold": -math.expm1(-float(thresholds[c])) if torch.isfinite(thresholds[c]) else None,
+               "threshold_score": float(thresholds[c]) if torch.isfinite(thresholds[c]) else None}
         for c, name in enumerate(class_names)
     }
     total_pred = int(predicted.sum())

@@ -4,14 +4,22 @@ At the start of DMT phase k each model predicts every unlabeled image once; per 
 class and its softmax confidence. DMT keeps, per class c, only the top ``r_k`` fraction of the pixels
 predicted as c (threshold t_c); the rest become 255. Instead of re-running the model for every ratio, we
 store (label, confidence) per image and a per-class confidence histogram; thresholds for any ratio come
-from the histogram, and the dataset applies ``label[conf < t[label]] = 255`` at load time
+from the histogram, and the dataset applies ``label[score < t[label]] = 255`` at load time
 (:func:`apply_thresholds`).
+
+Confidence is stored and ranked as the *score* ``s = -log(1 - p)`` of the max-softmax probability p,
+computed from the logits as ``s = logsumexp(z) - logsumexp(z without its max)`` (exact, no float32
+saturation), quantised to 16 bits over [0, SCORE_MAX]. Ranking by s is ranking by p, but s keeps
+confident pixels apart: trained models put most pixels within 1e-5 of p = 1, where a linear 16-bit code of
+p (or float16) collapses them into one bin and the class-balanced curriculum can no longer keep "the top
+r" (measured on the synthetic set: a class kept 82% of its pixels at r = 0.4). With SCORE_MAX = 32 one
+code step is 4.9e-4 in s, i.e. at most 4.9e-4 in p anywhere, and p up to 1 - 1.3e-14 stays ordered.
 
 Store layout (:class:`PseudoLabelStore`)::
 
     <directory>/label/<name>.png        uint8 argmax class
-    <directory>/confidence/<name>.png   uint16, round(conf * 65535)
-    <directory>/histogram.npy           int64 C×bins counts (optional)
+    <directory>/confidence/<name>.png   uint16 score code, round(s / SCORE_MAX * 65535)
+    <directory>/histogram.npy           int64 C×bins counts of scores (optional)
     <directory>/manifest.json           written last; only a store with a matching manifest is trusted
 
 Every file is written to a temporary file in its own directory and moved into place with ``os.replace``.
@@ -39,63 +47,109 @@ from torch import Tensor, nn
 from dmtc.errors import DMTCError
 
 __all__ = [
-    "CONFIDENCE_SCALE",
+    "CODE_MAX",
+    "SCORE_FORMAT",
+    "SCORE_MAX",
     "ConfidenceHistogram",
     "PseudoLabelStore",
     "apply_thresholds",
+    "confidence_score",
+    "confidence_to_score",
+    "decode_score",
     "predict_to_store",
-    "quantize_confidence",
+    "quantize_score",
+    "score_to_confidence",
 ]
 
-CONFIDENCE_SCALE = 65535
-"""Confidences are stored as ``round(conf * CONFIDENCE_SCALE)`` in 16-bit PNGs (step 1.5e-5)."""
+CODE_MAX = 65535
+"""Largest 16-bit code of a stored score."""
+SCORE_MAX = 32.0
+"""Scores ``s = -log(1 - p)`` are clamped to [0, SCORE_MAX] (p <= 1 - 1.3e-14) before quantisation."""
+SCORE_STEP = np.float32(SCORE_MAX / CODE_MAX)
+SCORE_FORMAT = "neglog1m-p/32/u16"
+"""Recorded in store manifests: stores written with another confidence code are redone, never misread."""
 
 
 def _to_numpy(array: Sequence[float] | np.ndarray | Tensor) -> np.ndarray:
     return array.detach().cpu().numpy() if isinstance(array, Tensor) else np.asarray(array)
 
 
-def quantize_confidence(confidence: Tensor) -> tuple[Tensor, Tensor]:
-    """``(q, conf)``: the int32 code ``round(conf * 65535)`` and the float32 value the store returns for it.
+def confidence_score(logits: Tensor, dim: int = 1) -> tuple[Tensor, Tensor]:
+    """``(label, score)``: argmax class and ``s = -log(1 - max softmax)`` along ``dim``, float32.
 
-    The histogram should be fed the dequantised value so that thresholds agree exactly with the
-    confidences :meth:`PseudoLabelStore.load` returns.
+    ``1 - p = Σ_{k≠max} e^{z_k} / Σ_k e^{z_k}``, so ``s = logsumexp(z) - logsumexp(z_{k≠max})``; unlike
+    ``-log1p(-softmax.max())`` this stays exact where the softmax rounds to 1. One class only: s = inf.
     """
-    q = torch.round(confidence.float().clamp(0.0, 1.0) * CONFIDENCE_SCALE).to(torch.int32)
-    return q, q.float() / CONFIDENCE_SCALE
+    z = logits.float()
+    top, label = z.max(dim=dim, keepdim=True)
+    others = z.scatter(dim, label, float("-inf"))
+    score = torch.logsumexp(z, dim=dim) - torch.logsumexp(others, dim=dim)
+    return label.squeeze(dim), score
+
+
+def quantize_score(score: Tensor) -> tuple[Tensor, Tensor]:
+    """``(code, score_q)``: the int32 code ``round(clamp(s, 0, SCORE_MAX) / SCORE_MAX * 65535)`` and the
+    float32 score the store returns for it (:func:`decode_score`). Feed the histogram ``score_q`` so its
+    thresholds agree exactly with the scores :meth:`PseudoLabelStore.load` returns."""
+    code = torch.round(score.float().clamp(0.0, SCORE_MAX) / float(SCORE_STEP)).to(torch.int32)
+    return code, code.float() * float(SCORE_STEP)
+
+
+def decode_score(code: np.ndarray | Tensor) -> np.ndarray | Tensor:
+    """Score ``code * SCORE_MAX / 65535`` as float32 (numpy or torch, like the input)."""
+    if isinstance(code, Tensor):
+        return code.float() * float(SCORE_STEP)
+    return np.asarray(code).astype(np.float32) * SCORE_STEP
+
+
+def score_to_confidence(score: np.ndarray | Tensor) -> np.ndarray | Tensor:
+    """Max-softmax probability ``p = 1 - exp(-s)`` (float32; rounds to 1.0 above s ≈ 17)."""
+    if isinstance(score, Tensor):
+        return -torch.expm1(-score.float())
+    return (-np.expm1(-np.asarray(score, dtype=np.float32))).astype(np.float32)
+
+
+def confidence_to_score(confidence: np.ndarray | Tensor) -> np.ndarray | Tensor:
+    """``s = -log(1 - p)`` for probabilities p in [0, 1] (p = 1 gives SCORE_MAX); prefer
+    :func:`confidence_score` on logits, which does not saturate."""
+    if isinstance(confidence, Tensor):
+        return (-torch.log1p(-confidence.double().clamp(0.0, 1.0))).clamp(max=SCORE_MAX).float()
+    p = np.clip(np.asarray(confidence, dtype=np.float64), 0.0, 1.0)
+    with np.errstate(divide="ignore"):
+        return np.minimum(-np.log1p(-p), SCORE_MAX).astype(np.float32)
 
 
 class ConfidenceHistogram:
-    """Per-class histograms of the confidence of the pixels predicted as each class (DMT §3 curriculum).
+    """Per-class histograms of the confidence score of the pixels predicted as each class (DMT §3 curriculum).
 
-    ``counts[c, b]`` = pixels with argmax c and confidence in bin b = ``[edges[b], edges[b+1])`` where
-    ``edges[b] = float32(b / (bins - 1))``; the last bin holds conf >= 1 (saturated softmax). Binning
-    compares against the same float32 edges :meth:`thresholds` returns, so "conf >= t_c" selects exactly
-    whole bins.
+    Scores are ``s = -log(1 - p)`` (module docstring); ranking by s is ranking by confidence p.
+    ``counts[c, b]`` = pixels with argmax c and score in bin b = ``[edges[b], edges[b+1])`` where
+    ``edges[b] = b · float32(SCORE_MAX / (bins - 1))`` (float32); the last bin holds s >= SCORE_MAX.
+    Binning compares against the same float32 edges :meth:`thresholds` returns, so "s >= t_c" selects
+    exactly whole bins.
 
-    The default ``bins = 65536`` gives every stored 16-bit code (``q / 65535``) its own bin: thresholds
-    are then the exact order statistics of the stored confidences. Coarser bins bound the threshold
-    error by ``1 / (bins - 1)`` but not the kept fraction: well-trained models put a large share of the
-    pixels within 1e-4 of confidence 1, i.e. in one coarse bin. Memory: C × bins int64 (10 MB for 19
-    classes).
+    The default ``bins = 65536`` gives every stored 16-bit code its own bin: thresholds are then the exact
+    order statistics of the stored scores. Coarser bins bound the threshold error by one bin width
+    (``SCORE_MAX / (bins - 1)`` in s, at most as much in p). Memory: C × bins int64 (10 MB for 19 classes).
     """
 
-    def __init__(self, num_classes: int, bins: int = CONFIDENCE_SCALE + 1) -> None:
+    def __init__(self, num_classes: int, bins: int = CODE_MAX + 1) -> None:
         if num_classes < 1 or bins < 2:
             raise ValueError(f"need num_classes >= 1 and bins >= 2, got {num_classes}, {bins}")
         self.num_classes = num_classes
         self.bins = bins
         self.counts = torch.zeros(num_classes, bins, dtype=torch.int64)
-        self.edges = (torch.arange(bins, dtype=torch.float64) / (bins - 1)).float()
+        self.width = float(np.float32(SCORE_MAX / (bins - 1)))
+        self.edges = torch.arange(bins, dtype=torch.float32) * self.width
         self._inner_edges: dict[torch.device, Tensor] = {}
 
-    def update(self, labels: Tensor, confidence: Tensor) -> None:
-        """Add pixels (any shape, e.g. N×H×W argmax labels and their confidences); one bincount.
+    def update(self, labels: Tensor, score: Tensor) -> None:
+        """Add pixels (any shape, e.g. N×H×W argmax labels and their scores); one bincount.
 
         Labels outside ``[0, num_classes)`` (e.g. -1 or 255 for padding) are skipped.
         """
         labels = labels.reshape(-1).long()
-        conf = confidence.reshape(-1).float()
+        conf = score.reshape(-1).float()
         keep = (labels >= 0) & (labels < self.num_classes)
         edges = self._inner_edges.get(conf.device)
         if edges is None:
@@ -128,16 +182,16 @@ class ConfidenceHistogram:
         return self.counts.sum(dim=1)
 
     def thresholds(self, ratio: float) -> Tensor:
-        """Class-balanced thresholds (C,) float32 keeping the top ``ratio`` of each class's pixels.
+        """Class-balanced score thresholds (C,) float32 keeping the top ``ratio`` of each class's pixels.
 
         Let n_c be the pixels predicted as c and k_c = ceil(ratio·n_c) (at least 1). t_c is the lower edge
-        of the highest bin b with ``Σ_{j>=b} counts[c, j] >= k_c``, so, for confidences binned here:
+        of the highest bin b with ``Σ_{j>=b} counts[c, j] >= k_c``, so, for scores binned here:
 
-        * kept_c = #(conf >= t_c) satisfies ``k_c <= kept_c < k_c + counts[c, b]``: never fewer than the
+        * kept_c = #(s >= t_c) satisfies ``k_c <= kept_c < k_c + counts[c, b]``: never fewer than the
           requested fraction, more by less than the mass of one bin;
-        * the exact order statistic (k_c-th largest confidence) lies in ``[t_c, t_c + 1/(bins-1))``;
-          with the default bins and stored (quantised) confidences it equals t_c, and kept_c exceeds k_c
-          only by pixels tied with it.
+        * the exact order statistic (k_c-th largest score) lies in ``[t_c, t_c + width)``; with the
+          default bins and stored (quantised) scores it equals t_c, and kept_c exceeds k_c only by pixels
+          tied with it. In confidence units the threshold is ``score_to_confidence(t_c)``.
 
         ``ratio >= 1`` gives t_c = 0 (keep all). A class nobody predicted gets ``inf`` (keeps nothing;
         no pixel carries that label anyway). ``ratio`` must be in (0, 1].
@@ -157,7 +211,7 @@ class ConfidenceHistogram:
         return torch.where(n > 0, t, torch.full_like(t, math.inf))
 
     def kept(self, thresholds: Tensor) -> Tensor:
-        """Pixels per class with confidence >= t_c, (C,) int64.
+        """Pixels per class with score >= t_c, (C,) int64.
 
         Exact for thresholds returned by :meth:`thresholds` (bin edges, 0 or inf); for other values it
         counts the bins whose lower edge is >= t_c (a lower bound).
@@ -187,32 +241,33 @@ class ConfidenceHistogram:
 
 def apply_thresholds(
     label: np.ndarray | Tensor,
-    confidence: np.ndarray | Tensor,
+    score: np.ndarray | Tensor,
     thresholds: Sequence[float] | np.ndarray | Tensor,
     ignore_index: int = 255,
 ) -> np.ndarray | Tensor:
-    """DMT curriculum at load time: a copy of ``label`` with ``label[conf < t[label]] = ignore_index``.
+    """DMT curriculum at load time: a copy of ``label`` with ``label[s < t[label]] = ignore_index``.
 
-    Works on numpy arrays or torch tensors (returns the same kind); labels already equal to
-    ``ignore_index`` stay so. Thresholds are compared as float32, like the histogram's edges.
+    ``score`` and ``thresholds`` are in the same unit (the store's scores and :meth:`ConfidenceHistogram.
+    thresholds`; any monotone unit works). Works on numpy arrays or torch tensors (returns the same kind);
+    labels already equal to ``ignore_index`` stay so. Compared as float32, like the histogram's edges.
     """
     t = _to_numpy(thresholds).astype(np.float32).reshape(-1)
     if isinstance(label, Tensor):
         t_torch = torch.from_numpy(t).to(label.device)
-        conf = torch.as_tensor(confidence, device=label.device).float()
+        s = torch.as_tensor(score, device=label.device).float()
         valid = label != ignore_index
-        drop = valid & (conf < t_torch[torch.where(valid, label, torch.zeros_like(label)).long()])
+        drop = valid & (s < t_torch[torch.where(valid, label, torch.zeros_like(label)).long()])
         return label.masked_fill(drop, ignore_index)
     label = np.asarray(label)
     valid = label != ignore_index
-    drop = valid & (_to_numpy(confidence).astype(np.float32) < t[np.where(valid, label, 0)])
+    drop = valid & (_to_numpy(score).astype(np.float32) < t[np.where(valid, label, 0)])
     out = label.copy()
     out[drop] = ignore_index
     return out
 
 
 class PseudoLabelStore:
-    """One model's pseudo labels for one phase: per image a uint8 label PNG and a uint16 confidence PNG.
+    """One model's pseudo labels for one phase: per image a uint8 label PNG and a uint16 score PNG.
 
     Protocol: :meth:`write` every image (the first write of a session deletes an existing manifest, so a
     store being rewritten is never trusted), then :meth:`finalize` writes ``manifest.json`` last. A
@@ -267,8 +322,9 @@ class PseudoLabelStore:
         return buf.tobytes()
 
     def write(self, name: str, label: np.ndarray | Tensor, confidence: np.ndarray | Tensor) -> None:
-        """Store one image: ``label`` H×W class ids (0..255), ``confidence`` H×W floats in [0, 1] (or
-        already-quantised uint16 codes ``round(conf * 65535)``)."""
+        """Store one image: ``label`` H×W class ids (0..255), ``confidence`` H×W: uint16 score codes
+        (:func:`quantize_score`) or float probabilities in [0, 1] (converted with
+        :func:`confidence_to_score`, which saturates near 1: prefer codes from :func:`confidence_score`)."""
         label_np = _to_numpy(label)
         conf_np = _to_numpy(confidence)
         if label_np.ndim != 2 or conf_np.shape != label_np.shape:
@@ -278,8 +334,8 @@ class PseudoLabelStore:
                 raise ValueError(f"{name}: labels must lie in 0..255")
             label_np = label_np.astype(np.uint8)
         if conf_np.dtype != np.uint16:
-            conf_np = np.rint(np.clip(conf_np.astype(np.float64), 0.0, 1.0) * CONFIDENCE_SCALE)
-            conf_np = conf_np.astype(np.uint16)
+            code = np.rint(confidence_to_score(conf_np).astype(np.float64) / float(SCORE_STEP))
+            conf_np = code.astype(np.uint16)
         if not self._manifest_dropped:
             self.manifest_path.unlink(missing_ok=True)
             self._manifest_dropped = True
@@ -375,11 +431,16 @@ class PseudoLabelStore:
                             f"store {self.directory} (it will be regenerated)")
         return image
 
-    def load(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """``(label uint8 H×W, confidence float32 H×W)``; unreadable files raise :class:`DMTCError`."""
+    def load_codes(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(label uint8 H×W, score code uint16 H×W)``; unreadable files raise :class:`DMTCError`."""
         label = self._read_png(self.label_path(name), np.uint8, None)
-        code = self._read_png(self.confidence_path(name), np.uint16, label.shape)
-        return label, code.astype(np.float32) / np.float32(CONFIDENCE_SCALE)
+        return label, self._read_png(self.confidence_path(name), np.uint16, label.shape)
+
+    def load(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(label uint8 H×W, score float32 H×W)`` (scores as :func:`decode_score`; confidence =
+        :func:`score_to_confidence`); unreadable files raise :class:`DMTCError`."""
+        label, code = self.load_codes(name)
+        return label, decode_score(code)
 
     def clear(self) -> None:
         """Delete the store's files (manifest first, so it is untrusted at every step); other files in the
@@ -416,13 +477,14 @@ def predict_to_store(
     *,
     amp: bool = False,
 ) -> list[str]:
-    """One forward pass per image (DMT §3): store argmax label and confidence, fill the histogram.
+    """One forward pass per image (DMT §3): store argmax label and confidence score, fill the histogram.
 
     ``loader`` yields ``{"image": N×3×H×W normalised float, "name": list[str], "size": N×2 (H, W)}``
     (``size`` optional: images padded at the bottom/right are cropped back to it). ``model(image)``
     must return ``{"logits": N×C×h×w}`` (any stride); logits are upsampled bilinearly
-    (``align_corners=False``) to H×W, then ``conf, label = softmax.max(1)``. The confidence is quantised
-    to the stored 16-bit code before it enters the histogram, so thresholds agree exactly with what
+    (``align_corners=False``) to H×W, then label = argmax and score = ``-log(1 - max softmax)``
+    (:func:`confidence_score`). The score is quantised to the stored 16-bit code before it enters the
+    histogram, so thresholds agree exactly with what
     :meth:`PseudoLabelStore.load` returns. Only the images the loader yields are written (each DDP rank
     its own shard); the caller all-reduces the histogram and finalizes the store. The model's
     train/eval mode is restored. Returns the names written.
@@ -440,8 +502,8 @@ def predict_to_store(
             if logits.shape[1] > 255:
                 raise ValueError(f"{logits.shape[1]} classes do not fit the uint8 label PNGs (max 255)")
             logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
-            conf, label = logits.softmax(dim=1).max(dim=1)
-            code, conf = quantize_confidence(conf)
+            label, score = confidence_score(logits, dim=1)
+            code, score = quantize_score(score)
             sizes = batch.get("size")
             if sizes is None:
                 sizes = torch.tensor([[height, width]] * images.shape[0])
@@ -450,7 +512,7 @@ def predict_to_store(
             cols = torch.arange(width, device=device).view(1, 1, -1)
             size_t = torch.tensor(sizes, device=device)
             inside = (rows < size_t[:, 0].view(-1, 1, 1)) & (cols < size_t[:, 1].view(-1, 1, 1))
-            histogram.update(label.masked_fill(~inside, -1), conf)
+            histogram.update(label.masked_fill(~inside, -1), score)
             label_np = label.to(torch.uint8).cpu().numpy()
             code_np = code.cpu().numpy().astype(np.uint16)
             for i, name in enumerate(batch["name"]):

@@ -21,7 +21,7 @@ from dmtc.data.pseudo import PseudoLabeledDataset
 from dmtc.data.transforms import build_train_transform
 from dmtc.labeling import label_images, labeling_transform, pseudo_label
 from dmtc.models import deeplab_v2
-from dmtc.pseudo_labels import PseudoLabelStore
+from dmtc.pseudo_labels import PseudoLabelStore, decode_score, score_to_confidence
 from dmtc.training import train
 
 DMT = ["method=dmt", "method.ratios=[0.5,1.0]"]
@@ -72,7 +72,7 @@ def test_two_phases_resume_after_kill(tmp_path):
     assert [p["steps"] for p in results["phases"]] == [2, 4, 4] and results["steps"] == 10
     pseudo = results["phases"][1]["pseudo"]["a"]
     assert pseudo["ratio"] == 0.5 and 0.5 <= pseudo["kept_fraction"] < 0.6
-    assert set(pseudo["classes"]["background"]) == {"predicted", "kept", "threshold"}
+    assert set(pseudo["classes"]["background"]) == {"predicted", "kept", "threshold", "threshold_score"}
     assert "quality" in pseudo and results["phases"][2]["pseudo"]["b"]["kept_fraction"] == 1.0
     assert "DMT synthetic" in rerun.stdout and "warm-up" in rerun.stdout
     # one CSV log across phases (the rerun's logger), its step axis never going back
@@ -117,9 +117,10 @@ def test_pseudo_dataset_moves_all_maps_together(compose_cfg, tmp_path):
         stores[key] = PseudoLabelStore(tmp_path / key)
         for name in names:
             label = rng.integers(0, 10, (64, 64)).astype(np.uint8)
-            code = (label.astype(np.uint16) * 6000 + 1000).astype(np.uint16)  # conf determined by label
+            code = (label.astype(np.uint16) * 6000 + 1000).astype(np.uint16)  # score determined by label
             stores[key].write(name, label, code)
-    thresholds = {"a": [0.0] * 10, "b": [0.5] * 10}  # b keeps classes whose conf >= 0.5: labels >= 6
+    # thresholds are scores (code · 32/65535): b keeps classes whose score >= 16, i.e. labels >= 6
+    thresholds = {"a": [0.0] * 10, "b": [16.0] * 10}
     tf = build_train_transform(crop_size=[48, 48], scale_range=[0.6, 1.7], mean=[0.5] * 3, std=[0.2] * 3)
     ds = PseudoLabeledDataset(layout, "train", names, stores, thresholds, tf)
     for _ in range(4):
@@ -129,8 +130,8 @@ def test_pseudo_dataset_moves_all_maps_together(compose_cfg, tmp_path):
             label, conf = item[f"label_{key}"], item[f"conf_{key}"]
             assert label.shape == conf.shape == (48, 48) and label.dtype == torch.int64
             kept = label != 255
-            expected = (label[kept].float() * 6000 + 1000) / 65535
-            assert torch.allclose(conf[kept], expected)  # nearest: each label stays with its confidence
+            expected = score_to_confidence(decode_score(label[kept] * 6000 + 1000))
+            assert torch.equal(conf[kept], expected)  # nearest: each label stays with its confidence
         assert (item["label_b"][item["label_b"] != 255] >= 6).all()
 
 

@@ -3,7 +3,8 @@
 DMT (Feng et al., Pattern Recognition 2022, §3) trains A on B's pseudo labels and B on A's in phase k.
 Each model labeled the unlabeled split once (:mod:`dmtc.pseudo_labels` stores); the class-balanced
 curriculum for the phase's ratio r_k is a per-class confidence threshold applied here, at load time
-(``label[conf < t[label]] = 255``). The four maps (``label_a, conf_a, label_b, conf_b``) travel through
+(``label[score < t[label]] = 255``, on the stored scores ``-log(1 - p)``, :mod:`dmtc.pseudo_labels`).
+The four maps (``label_a, conf_a, label_b, conf_b``) travel through
 the same joint v2 transform as the image, wrapped as ``tv_tensors.Mask`` (nearest resizing, crops padded
 with 255), so every geometric augmentation moves them together.
 
@@ -28,7 +29,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from dmtc.data.datasets import SegmentationDataset, read_image
 from dmtc.data.layouts import DatasetLayout
-from dmtc.pseudo_labels import CONFIDENCE_SCALE, PseudoLabelStore, apply_thresholds
+from dmtc.pseudo_labels import PseudoLabelStore, apply_thresholds, decode_score, score_to_confidence
 
 __all__ = ["PseudoLabeledDataset", "RepeatedDataset", "build_phase_loader"]
 
@@ -69,9 +70,8 @@ class PseudoLabeledDataset(Dataset):
         height, width = image.shape[:2]
         maps: list[tv_tensors.Mask] = []
         for key in self.keys:
-            label, conf = self.stores[key].load(name)
-            label = apply_thresholds(label, conf, self.thresholds[key], self.ignore_index)
-            code = np.rint(conf * CONFIDENCE_SCALE).astype(np.int32)  # exact: conf = code / 65535
+            label, code = self.stores[key].load_codes(name)
+            label = apply_thresholds(label, decode_score(code), self.thresholds[key], self.ignore_index)
             for array in (label.astype(np.int64), code.astype(np.int64)):
                 mask = tv_tensors.Mask(torch.from_numpy(array))
                 if array.shape != (height, width):
@@ -85,7 +85,7 @@ class PseudoLabeledDataset(Dataset):
             code_t = maps[2 * i + 1].as_subclass(torch.Tensor)
             # crop padding fills masks with 255: those pixels are ignored through the label anyway
             item[f"label_{key}"] = label_t
-            item[f"conf_{key}"] = (code_t.float() / CONFIDENCE_SCALE).clamp_(0.0, 1.0)
+            item[f"conf_{key}"] = score_to_confidence(decode_score(code_t))
         return item
 
 
