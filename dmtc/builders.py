@@ -7,14 +7,18 @@ instantiation of ``_target_`` nodes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
-from hydra.utils import get_class, instantiate
+import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 from dmtc.data.datamodule import SegmentationDataModule
 from dmtc.data.layouts import DatasetLayout
@@ -29,7 +33,7 @@ from dmtc.data.splits import (
     strip_template,
     write_list,
 )
-from dmtc.data.transforms import build_eval_transform, build_train_transform
+from dmtc.data.transforms import ToModelInput, build_eval_transform, build_train_transform
 from dmtc.data.validation import NameSet, allowed_label_values, check_folders, check_list_files, validate_dataset
 from dmtc.errors import DMTCError
 from dmtc.models import deeplab_v2
@@ -262,6 +266,41 @@ def input_normalization(cfg: DictConfig, init: str | None = None) -> dict[str, A
     }
 
 
+def stacks_inputs(norms: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether models fed with the input pipelines ``norms`` need one input block each (they differ)."""
+    return any(dict(n) != dict(norms[0]) for n in norms[1:])
+
+
+class StackedModelInput(v2.Transform):
+    """:class:`~dmtc.data.transforms.ToModelInput` for several models whose initialisations need different
+    input pipelines (DMT's pair: A from COCO/Caffe weights, BGR 0–255; B from ImageNet, RGB [0, 1]).
+
+    The image becomes one normalised 3-channel block per pipeline, stacked on the channel axis (model i
+    reads channels ``3i:3i+3``, :meth:`dmtc.module.SegmentationModule.model_input`); masks pass as in
+    ``ToModelInput``. The geometric steps after it (crop padded with 0, flip) act on every block alike,
+    so each model sees exactly the crop it would see with its own pipeline alone.
+    """
+
+    def __init__(self, norms: Sequence[Mapping[str, Any]]) -> None:
+        super().__init__()
+        self.parts = [ToModelInput(**dict(n)) for n in norms]
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:  # noqa: D102
+        if isinstance(inpt, tv_tensors.Image):
+            blocks = [part.transform(inpt, params).as_subclass(torch.Tensor) for part in self.parts]
+            return tv_tensors.Image(torch.cat(blocks, dim=-3))
+        return self.parts[0].transform(inpt, params)
+
+
+def stack_model_inputs(transform: v2.Compose, norms: Sequence[Mapping[str, Any]]) -> v2.Compose:
+    """``transform`` (built with ``norms[0]``) with its normalisation step replaced by a
+    :class:`StackedModelInput` of ``norms`` when they differ; unchanged otherwise."""
+    if not stacks_inputs(norms):
+        return transform
+    steps = [StackedModelInput(norms) if isinstance(t, ToModelInput) else t for t in transform.transforms]
+    return v2.Compose(steps)
+
+
 def validate_split(cfg: DictConfig, layout: DatasetLayout, split: Split) -> None:
     """Check the split's files before training (:mod:`dmtc.data.validation`): every listed image exists,
     labeled and val images have labels, and a sample of labels holds only values of the class set."""
@@ -275,9 +314,15 @@ def validate_split(cfg: DictConfig, layout: DatasetLayout, split: Split) -> None
     validate_dataset(layout, name_sets, allowed, sample=int(ds.get("validate_samples", 8)))
 
 
-def build_datamodule(cfg: DictConfig, *, check_files: bool = True) -> tuple[SegmentationDataModule, Split]:
+def build_datamodule(
+    cfg: DictConfig, *, check_files: bool = True, input_norms: Sequence[Mapping[str, Any]] | None = None
+) -> tuple[SegmentationDataModule, Split]:
     """Datamodule for the labeled split and validation set; validates the data on disk first (fast: names
-    are checked, a sample of labels decoded), so a bad dataset fails before any training starts."""
+    are checked, a sample of labels decoded), so a bad dataset fails before any training starts.
+
+    ``input_norms``: the input pipeline of each model trained on these batches (default: the config's
+    own, :func:`input_normalization`); when they differ (a DMT pair from two inits) images carry one
+    normalised block per model (:class:`StackedModelInput`)."""
     prepare_dataset(cfg)
     layout = build_layout(cfg)
     ds = cfg.dataset
@@ -288,13 +333,13 @@ def build_datamodule(cfg: DictConfig, *, check_files: bool = True) -> tuple[Segm
     split = resolve_split(cfg, layout)
     if check_files:
         validate_split(cfg, layout, split)
-    norm = input_normalization(cfg)
+    norms = [dict(n) for n in input_norms] if input_norms else [input_normalization(cfg)]
     base_size = list(ds.base_size) if ds.get("base_size") else None
-    train_tf = build_train_transform(
-        crop_size=list(ds.crop_size), scale_range=list(ds.scale_range), base_size=base_size, flip=ds.flip, **norm
-    )
+    train_tf = stack_model_inputs(build_train_transform(
+        crop_size=list(ds.crop_size), scale_range=list(ds.scale_range), base_size=base_size, flip=ds.flip,
+        **norms[0]), norms)
     eval_base = list(ds.eval_size) if ds.get("eval_size") else None
-    eval_tf = build_eval_transform(base_size=eval_base, **norm)
+    eval_tf = stack_model_inputs(build_eval_transform(base_size=eval_base, **norms[0]), norms)
     val_layout = layout
     if ds.get("resized_cache"):
         layout, val_layout = resized_layouts(cfg, layout, split)
@@ -335,6 +380,13 @@ def resized_layouts(cfg: DictConfig, layout: DatasetLayout, split: Split) -> tup
                                  processes=int(ds.get("num_workers") or 0))
     return cached, cached if same_eval else layout
 
+def _configured_weights(cfg: DictConfig, init: str) -> str | None:
+    """``backbone.weights`` for the config's own init, else ``backbone.weight_files.<init>`` (or None)."""
+    own = str(cfg.backbone.get("init", "none"))
+    path = cfg.backbone.get("weights") if init == own else (cfg.backbone.get("weight_files") or {}).get(init)
+    return str(path) if path else None
+
+
 def init_weights_path(cfg: DictConfig, init: str | None = None) -> str | None:
     """Weight file of initialisation ``init`` (default ``backbone.init``): ``backbone.weights`` for the
     config's own init, else ``backbone.weight_files.<init>``; ``None`` for ``none``."""
@@ -342,7 +394,7 @@ def init_weights_path(cfg: DictConfig, init: str | None = None) -> str | None:
     init = _check_init(own if init is None else str(init))
     if init == "none":
         return None
-    path = cfg.backbone.get("weights") if init == own else (cfg.backbone.get("weight_files") or {}).get(init)
+    path = _configured_weights(cfg, init)
     if not path:
         raise DMTCError(
             f"backbone.init={init} needs a weight file but backbone {cfg.backbone.name} has none configured: set "
@@ -356,16 +408,18 @@ def build_model(cfg: DictConfig, init: str | None = None) -> Any:
 
     * ``none``: torchvision's random init;
     * ``imagenet``: a local torchvision ResNet file (``fc.*`` ignored);
-    * ``coco``: resnet101 only; DMT's converted ``*_coco_resnet101.pt`` or Hung et al.'s original
-      ``resnet101COCO-41f33a49.pth`` converted on load (:func:`dmtc.models.checkpoints.load_coco_init`).
+    * ``coco``: DMT's converted ``*_coco_resnet101.pt`` or Hung et al.'s original
+      ``resnet101COCO-41f33a49.pth`` converted on load (:func:`dmtc.models.checkpoints.load_coco_init`);
+      resnet101 only, unless a COCO DeepLab-v2 file of another backbone is configured explicitly
+      (``backbone.weight_files.coco``, e.g. a small converted file in tests).
 
     The model's inputs must follow the same init: :func:`input_normalization` with the same ``init``.
     """
     init = _check_init(str(cfg.backbone.get("init", "none")) if init is None else str(init))
     name = str(cfg.backbone.name)
-    if init == "coco" and name != "resnet101":
+    if init == "coco" and name != "resnet101" and not _configured_weights(cfg, init):
         raise DMTCError(
-            f"backbone.init=coco needs backbone=resnet101 (the COCO DeepLab-v2 weights are a ResNet-101); "
+            f"backbone.init=coco needs backbone=resnet101 (the published COCO DeepLab-v2 weights are a ResNet-101); "
             f"backbone={name} can use init=imagenet or none"
         )
     path = init_weights_path(cfg, init)
@@ -397,39 +451,12 @@ def build_module(cfg: DictConfig, models: dict[str, Any]) -> SegmentationModule:
     )
 
 
-def _resume_kwargs(node: DictConfig, cfg: DictConfig) -> dict[str, Any]:
-    """Arguments that make logger ``node`` continue the run folder's log (:mod:`dmtc.loggers`): a
-    ``WandbLogger`` gets the run's stored W&B id (unless the config sets ``id``/``version``) and
-    ``resume="allow"``; a :class:`dmtc.loggers.CSVLogger` gets ``resume``. ``overwrite=true``
-    starts both anew."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    from dmtc.loggers import CSVLogger, finish_other_wandb_run, wandb_run_id
-
-    target = node.get("_target_")
-    if not target:
-        return {}
-    cls = get_class(str(target))
-    fresh = bool(cfg.get("overwrite", False))
-    if issubclass(cls, WandbLogger):
-        if node.get("id") or node.get("version"):
-            return {}
-        run_id = wandb_run_id(cfg.paths.output_dir, fresh=fresh)
-        finish_other_wandb_run(run_id)
-        return {"id": run_id, "resume": node.get("resume") or "allow"}
-    if issubclass(cls, CSVLogger):
-        return {"resume": not fresh}
-    return {}
-
-
 def build_loggers(cfg: DictConfig) -> list[Any]:
     """The configured Lightning loggers, with the composed config logged as hyperparameters.
 
-    Build them once per run: DMT passes the same instances to every phase's Trainer (one W&B run). A rerun
-    of the same command continues the same logs: the same W&B run id, the same ``metrics.csv`` (see
-    :mod:`dmtc.loggers`); ``overwrite=true`` starts new ones.
+    Build them once per run: DMT passes the same instances to every phase's Trainer (one W&B run).
     """
-    loggers = [instantiate(c, **_resume_kwargs(c, cfg)) for c in (cfg.get("logger") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return loggers

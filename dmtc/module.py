@@ -75,6 +75,14 @@ class ContrastiveSettings:
 class SegmentationModule(L.LightningModule):
     """Trains the models in ``models`` with cross-entropy on labeled pixels and validates each by mIoU.
 
+    A training batch is one labeled batch ``{"image", "label", ...}`` shared by every model, or
+    ``{key: batch}`` giving each model its own (DMT's warm-up on two difference-maximized subsets, DMT
+    §4.3); either way one optimizer step per batch, so ``global_step`` counts batches.
+
+    ``stacked_inputs``: the images carry one normalised 3-channel block per model, in ``models`` order
+    (the models' initialisations need different input pipelines, e.g. DMT's COCO/Caffe A and ImageNet B;
+    :class:`dmtc.builders.StackedModelInput`); each model reads its own block (:meth:`model_input`).
+
     Validation reports ``val/<key>/miou`` (0–100) per model and, with several models, for their ensemble
     (mean of softmaxes) as ``val/ens/miou``; ``val/miou`` is the monitored value (model ``a``).
     ``val_summaries`` keeps the last per-class results for results.json.
@@ -92,11 +100,14 @@ class SegmentationModule(L.LightningModule):
         poly_power: float = 0.9,
         head_lr_mult: float = 1.0,
         ignore_index: int = IGNORE_INDEX,
+        stacked_inputs: bool = False,
     ) -> None:
         super().__init__()
         if not models:
             raise ValueError("SegmentationModule needs at least one model")
         self.models = nn.ModuleDict(dict(models))
+        self.stacked_inputs = bool(stacked_inputs)
+        self._input_block = {key: i for i, key in enumerate(self.models)}
         self.num_classes, self.class_names = int(num_classes), list(class_names)
         self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
         self.poly_power, self.head_lr_mult = float(poly_power), float(head_lr_mult)
@@ -114,6 +125,7 @@ class SegmentationModule(L.LightningModule):
                 "weight_decay": self.weight_decay,
                 "poly_power": self.poly_power,
                 "head_lr_mult": self.head_lr_mult,
+                "stacked_inputs": self.stacked_inputs,
             }
         )
 
@@ -122,9 +134,21 @@ class SegmentationModule(L.LightningModule):
         """Key of the model whose mIoU is monitored for checkpointing."""
         return next(iter(self.models))
 
+    def model_input(self, key: str, images: torch.Tensor) -> torch.Tensor:
+        """Model ``key``'s view of a batch: ``images`` as they are, or with ``stacked_inputs`` its own
+        3-channel block (channels ``3i:3i+3`` for the i-th model)."""
+        if not self.stacked_inputs:
+            return images
+        expected = 3 * len(self.models)
+        if images.shape[1] != expected:
+            raise ValueError(f"stacked inputs need {expected} channels (3 per model), got {images.shape[1]}")
+        start = 3 * self._input_block[key]
+        return images[:, start : start + 3]
+
     def forward(self, images: torch.Tensor, key: str | None = None) -> dict[str, torch.Tensor]:
-        """Run model ``key`` (default: the primary model)."""
-        return self.models[key or self.primary](images)
+        """Run model ``key`` (default: the primary model) on its view of ``images``."""
+        key = key or self.primary
+        return self.models[key](self.model_input(key, images))
 
     def auxiliary_loss(
         self, key: str, out: Mapping[str, torch.Tensor], logits: torch.Tensor, labels: torch.Tensor,
@@ -136,10 +160,16 @@ class SegmentationModule(L.LightningModule):
         return None
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:  # noqa: D102
-        images, labels = batch["image"], batch["label"]
-        valid = labels != self.ignore_index
-        total = images.new_zeros(())
+        per_model = "image" not in batch  # {key: batch}: each model its own labeled batch
+        if per_model and set(batch) != set(self.models):
+            raise ValueError(f"a per-model batch needs one batch per model {sorted(self.models)}, got {sorted(batch)}")
+        total = None
         for key, model in self.models.items():
+            part = batch[key] if per_model else batch
+            images, labels = self.model_input(key, part["image"]), part["label"]
+            valid = labels != self.ignore_index
+            if total is None:
+                total = images.new_zeros(())
             out = model(images)
             logits = upsample_to(out["logits"], labels.shape[-2:])
             loss = F.cross_entropy(logits, labels, ignore_index=self.ignore_index)
@@ -154,7 +184,7 @@ class SegmentationModule(L.LightningModule):
         images, labels = batch["image"], batch["label"]
         probs_sum = None
         for key, model in self.models.items():
-            probs = upsample_to(model(images)["logits"], labels.shape[-2:]).float().softmax(1)
+            probs = upsample_to(model(self.model_input(key, images))["logits"], labels.shape[-2:]).float().softmax(1)
             self.val_metrics[key].update(probs.argmax(1), labels)
             probs_sum = probs if probs_sum is None else probs_sum + probs
         if ENSEMBLE in self.val_metrics:
@@ -195,7 +225,9 @@ class SegmentationModule(L.LightningModule):
 class MutualTrainingModule(SegmentationModule):
     """DMT's model pair A/B (Feng et al., Pattern Recognition 2022, §3 and Algorithm 1).
 
-    ``stage="warmup"`` (phase 0): both models learn the labeled batch with cross-entropy.
+    ``stage="warmup"`` (phase 0): both models learn the labeled batch with cross-entropy; with
+    ``{"a": batch, "b": batch}`` each learns its own (``pair_init=subsets``: A on the ``-l`` and B on the
+    ``-r`` difference-maximized subset, DMT §4.3).
     ``stage="mutual"`` (phases 1..K): a batch is ``{"labeled": {image, label}, "unlabeled": {image,
     label_a, conf_a, label_b, conf_b}}`` where ``label_x``/``conf_x`` are model x's stored pseudo labels
     (thresholded at load time by the class-balanced curriculum) and confidences. Labeled and unlabeled
@@ -327,7 +359,7 @@ class MutualTrainingModule(SegmentationModule):
         for key, other in (("a", "b"), ("b", "a")):
             labels = torch.cat([lab["label"], unl[f"label_{other}"]])
             confidence = torch.cat([ones, unl[f"conf_{other}"].float()])
-            out = self.models[key](images)
+            out = self.models[key](self.model_input(key, images))
             logits = upsample_to(out["logits"], labels.shape[-2:])
             loss, stats = dynamic_mutual_loss_with_stats(
                 logits, labels, confidence, is_pseudo, self.gamma1, self.gamma2, self.ignore_index

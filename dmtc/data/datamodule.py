@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader, Dataset
 
 from dmtc.data.datasets import SegmentationDataset
 from dmtc.data.layouts import DatasetLayout
+from dmtc.data.pseudo import RepeatedDataset
 
 
 class SegmentationDataModule(L.LightningDataModule):
@@ -19,6 +21,13 @@ class SegmentationDataModule(L.LightningDataModule):
     ``batch_size`` is the per-device batch of labeled images; training drops the last incomplete batch
     (BatchNorm cannot train on a batch of one). Validation uses ``val_batch_size`` (1 when image sizes
     differ). Under DDP Lightning gives each loader a DistributedSampler.
+
+    ``model_labeled`` (``{key: names}``, optional) gives each model of a pair its own labeled list for
+    training: DMT's warm-up with ``pair_init=subsets`` (Feng et al., Pattern Recognition 2022, §4.3), A on
+    the difference-maximized ``-l`` subset and B on ``-r``. :meth:`train_dataloader` then returns a
+    ``CombinedLoader({key: loader}, mode="min_size")`` whose batches are ``{key: batch}`` (one optimizer
+    step each); a shorter list is repeated (and reshuffled as a whole) to the longest one's length rather
+    than cycled. :meth:`train_dataset` stays the run's whole labeled split (what DMT's phases use).
     """
 
     def __init__(
@@ -36,6 +45,7 @@ class SegmentationDataModule(L.LightningDataModule):
         val_subset: str = "val",
         persistent_workers: bool = True,
         val_layout: DatasetLayout | None = None,
+        model_labeled: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         super().__init__()
         self.layout = layout
@@ -47,16 +57,26 @@ class SegmentationDataModule(L.LightningDataModule):
         self.num_workers = int(num_workers)
         self.train_subset, self.val_subset = train_subset, val_subset
         self.persistent_workers = persistent_workers and self.num_workers > 0
+        self.model_labeled: dict[str, list[str]] | None = None
+        if model_labeled:
+            self.set_model_labeled(model_labeled)
 
-    def train_dataset(self) -> SegmentationDataset:
-        """Labeled training images with the training transform."""
-        return SegmentationDataset(self.layout, self.train_subset, self.labeled, self.train_transform)
+    def set_model_labeled(self, model_labeled: Mapping[str, Sequence[str]] | None) -> None:
+        """Train each model on its own labeled list (``{key: names}``), or all on the split's (None)."""
+        if model_labeled is not None and not all(model_labeled.values()):
+            raise ValueError(f"every model needs at least one labeled image: {sorted(model_labeled)}")
+        self.model_labeled = {k: list(v) for k, v in model_labeled.items()} if model_labeled else None
+
+    def train_dataset(self, names: Sequence[str] | None = None) -> SegmentationDataset:
+        """Labeled training images (``names``, default the split's labeled list) with the training transform."""
+        names = self.labeled if names is None else list(names)
+        return SegmentationDataset(self.layout, self.train_subset, names, self.train_transform)
 
     def val_dataset(self) -> SegmentationDataset:
         """Validation images with the evaluation transform."""
         return SegmentationDataset(self.val_layout, self.val_subset, self.val, self.eval_transform)
 
-    def _loader(self, dataset: SegmentationDataset, batch_size: int, train: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -67,8 +87,16 @@ class SegmentationDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
-    def train_dataloader(self) -> DataLoader:  # noqa: D102
-        return self._loader(self.train_dataset(), self.batch_size, train=True)
+    def train_dataloader(self) -> DataLoader | CombinedLoader:  # noqa: D102
+        if not self.model_labeled:
+            return self._loader(self.train_dataset(), self.batch_size, train=True)
+        datasets = {key: self.train_dataset(names) for key, names in self.model_labeled.items()}
+        length = max(len(d) for d in datasets.values())
+        loaders = {
+            key: self._loader(d if len(d) == length else RepeatedDataset(d, length), self.batch_size, train=True)
+            for key, d in datasets.items()
+        }
+        return CombinedLoader(loaders, mode="min_size")
 
     def val_dataloader(self) -> DataLoader:  # noqa: D102
         return self._loader(self.val_dataset(), self.val_batch_size, train=False)
