@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -451,12 +451,39 @@ def build_module(cfg: DictConfig, models: dict[str, Any]) -> SegmentationModule:
     )
 
 
+def _resume_kwargs(node: DictConfig, cfg: DictConfig) -> dict[str, Any]:
+    """Arguments that make logger ``node`` continue the run folder's log (:mod:`dmtc.loggers`): a
+    ``WandbLogger`` gets the run's stored W&B id (unless the config sets ``id``/``version``) and
+    ``resume="allow"``; a :class:`dmtc.loggers.CSVLogger` gets ``resume``. ``overwrite=true``
+    starts both anew."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from dmtc.loggers import CSVLogger, finish_other_wandb_run, wandb_run_id
+
+    target = node.get("_target_")
+    if not target:
+        return {}
+    cls = get_class(str(target))
+    fresh = bool(cfg.get("overwrite", False))
+    if issubclass(cls, WandbLogger):
+        if node.get("id") or node.get("version"):
+            return {}
+        run_id = wandb_run_id(cfg.paths.output_dir, fresh=fresh)
+        finish_other_wandb_run(run_id)
+        return {"id": run_id, "resume": node.get("resume") or "allow"}
+    if issubclass(cls, CSVLogger):
+        return {"resume": not fresh}
+    return {}
+
+
 def build_loggers(cfg: DictConfig) -> list[Any]:
     """The configured Lightning loggers, with the composed config logged as hyperparameters.
 
-    Build them once per run: DMT passes the same instances to every phase's Trainer (one W&B run).
+    Build them once per run: DMT passes the same instances to every phase's Trainer (one W&B run). A rerun
+    of the same command continues the same logs: the same W&B run id, the same ``metrics.csv`` (see
+    :mod:`dmtc.loggers`); ``overwrite=true`` starts new ones.
     """
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    loggers = [instantiate(c, **_resume_kwargs(c, cfg)) for c in (cfg.get("logger") or {}).values() if c is not None]
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return loggers
