@@ -4,14 +4,24 @@ Learning", Pattern Recognition 2022, §3 and Algorithm 1).
 ``run_dmt(cfg)`` (``python train.py method=dmt``, or ``method=dmtc``: the same protocol with DMTC's
 contrastive term, see :func:`contrastive_settings`):
 
-1. **Warm-up (phase 0):** models A and B, initialised differently (``method.pair_init``), learn the
-   labeled split with cross-entropy, side by side on the same batches (the dataset's supervised schedule).
+1. **Warm-up (phase 0):** models A and B, made different as ``method.pair_init`` says (DMT §4.1, §4.3;
+   :func:`pair_spec`), learn the labeled split with cross-entropy, side by side (the dataset's supervised
+   schedule): ``seeds`` and ``inits`` on the same batches, ``subsets`` each on its own difference-maximized
+   subset (A ``-l``, B ``-r``; per-model batches).
 2. **Phases k = 1..K** with label ratios r_k (``method.ratios``, default 0.2 … 1.0): each model of phase
    k-1 labels the unlabeled split once (a store of argmax labels + confidences and a per-class confidence
    histogram); thresholds keeping the top r_k of each class's pixels come from the histogram and are
    applied at load time; A is trained on the labeled batches + **B's** pseudo labels and B on **A's**
    with the dynamic mutual loss (γ1, γ2), both from their phase k-1 best weights with a fresh SGD + poly
-   schedule (``method.phase``).
+   schedule (``method.phase``, from the dataset's ``dataset.schedule.dmt_phase``). The labeled batches
+   come from the run's whole labeled split in every mode, ``subsets`` included (DMT's VOC 1/106 script
+   trains its phases with ``--train-set=106``, not the ``-l``/``-r`` lists).
+
+Each model sees inputs normalised for its own initialisation everywhere (warm-up, labeling, phases,
+validation): when the two inits need different pipelines (COCO/Caffe BGR 0–255 vs ImageNet), the batches
+carry one normalised block per model (:class:`dmtc.builders.StackedModelInput`) and each model reads its
+own; labeling uses each model's own transform. Checkpoints hold plain models: evaluate one with
+``backbone.init`` set to its init (results.json lists them under ``pair.inits``).
 
 Every phase lives in a sub-folder of the run dir (``phase0_warmup/``, ``phase1_r0.2/``, …) holding
 ``checkpoints/`` (best-by-val checkpoint per model, ``last.ckpt``), ``pseudo_a/``, ``pseudo_b/`` and
@@ -23,6 +33,7 @@ continuous step axis.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -35,14 +46,26 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from torch import nn
 
-from dmtc.builders import build_datamodule, build_loggers, build_model, build_trainer, input_normalization
+from dmtc.builders import (
+    INITS,
+    Split,
+    build_datamodule,
+    build_layout,
+    build_loggers,
+    build_model,
+    build_trainer,
+    input_normalization,
+    resolve_split,
+    stacks_inputs,
+)
 from dmtc.data.pseudo import PseudoLabeledDataset, build_phase_loader
-from dmtc.data.transforms import build_train_transform
+from dmtc.data.splits import DMS_SPLITS, parse_split
+from dmtc.data.transforms import build_eval_transform
 from dmtc.errors import DMTCError
-from dmtc.labeling import label_images, labeling_transform, pseudo_label_summary
+from dmtc.labeling import label_images, pseudo_label_summary
 from dmtc.models import load_dmt_checkpoint
 from dmtc.module import ENSEMBLE, ContrastiveSettings, MutualTrainingModule
 from dmtc.results import write_json
@@ -74,24 +97,127 @@ def phases_of(cfg: DictConfig) -> list[Phase]:
     return [Phase(0, None)] + [Phase(i + 1, r) for i, r in enumerate(ratios)]
 
 
-def build_pair(cfg: DictConfig) -> dict[str, nn.Module]:
-    """Models A and B as ``method.pair_init`` says; ``seeds``: the same init recipe under two seeds."""
-    mode = str(cfg.method.get("pair_init", "seeds"))
-    if mode == "seeds":
-        seeds = [int(s) for s in cfg.method.seeds]
-        if len(seeds) != 2 or seeds[0] == seeds[1]:
-            raise DMTCError(f"method.seeds={seeds}: pair_init=seeds needs two different seeds for A and B")
-        models = {}
-        for key, seed in zip(PAIR, seeds):
-            torch.manual_seed(int(cfg.seed) + seed)
+PAIR_INITS = ("seeds", "inits", "subsets")
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """How DMT's models A and B differ (Feng et al., Pattern Recognition 2022, §4.1 and §4.3).
+
+    ``mode`` (``method.pair_init``): ``seeds`` (one init, two seeds), ``inits`` (two init sources, e.g. A
+    from COCO-pretrained DeepLab-v2, B from ImageNet: DMT Cityscapes and VOC 1/20) or ``subsets`` (both
+    warmed up on two difference-maximized labeled subsets, ``-l``/``-r``: DMT VOC 1/106).
+    ``seeds``/``inits``: per model; ``warmup``: per model the split name of its warm-up list (subsets
+    only; None: both warm up on the run's split).
+    """
+
+    mode: str
+    seeds: dict[str, int]
+    inits: dict[str, str]
+    warmup: dict[str, str] | None = None
+
+
+def pair_spec(cfg: DictConfig) -> PairSpec:
+    """The pair of ``method.pair_init``, ``method.seeds`` and ``method.models.<k>.{init,labeled}`` (their
+    defaults come from ``dataset.schedule``); checks them without touching any file.
+
+    ``seeds``: both models from ``backbone.init``. ``inits``: model k from ``method.models.<k>.init`` (null =
+    ``backbone.init``); the two must differ. ``subsets``: model k from ``method.models.<k>.init`` too, warmed
+    up on ``method.models.<k>.labeled`` (null = ``<split>-l`` for A, ``<split>-r`` for B).
+    """
+    m = cfg.method
+    mode = str(m.get("pair_init") or "seeds")
+    if mode not in PAIR_INITS:
+        raise DMTCError(f"method.pair_init={mode!r}: choose seeds (two seeds), inits (two init sources, e.g. "
+                        "COCO and ImageNet) or subsets (two difference-maximized labeled subsets)")
+    seeds = [int(v) for v in m.seeds]
+    if len(seeds) != 2:
+        raise DMTCError(f"method.seeds={seeds}: give two seeds, one for A and one for B")
+    if mode == "seeds" and seeds[0] == seeds[1]:
+        raise DMTCError(f"method.seeds={seeds}: pair_init=seeds needs two different seeds for A and B")
+    own = str(cfg.backbone.get("init", "none"))
+    models = m.get("models") or {}
+    inits = {}
+    for key in PAIR:
+        init = (models.get(key) or {}).get("init") if mode != "seeds" else None
+        init = own if init is None else str(init)
+        if init not in INITS:
+            raise DMTCError(f"method.models.{key}.init={init!r} (model {key.upper()}, pair_init={mode}) is not an "
+                            f"initialisation: use one of {', '.join(INITS)}, or null for backbone.init ({own})")
+        inits[key] = init
+    if mode == "inits" and inits["a"] == inits["b"]:
+        raise DMTCError(f"pair_init=inits needs two different inits, but A and B both use {inits['a']}: set "
+                        "method.models.a.init / method.models.b.init (e.g. coco and imagenet), or use "
+                        "method.pair_init=seeds for one init under two seeds")
+    warmup = None
+    if mode == "subsets":
+        base, side = parse_split(cfg.split)
+        warmup = {}
+        for key, default_side in zip(PAIR, ("l", "r")):
+            name = (models.get(key) or {}).get("labeled")
+            if name is None:
+                if side is not None or base not in DMS_SPLITS:
+                    raise DMTCError(
+                        f"pair_init=subsets warms A and B up on split={cfg.split}'s difference-maximized subsets, "
+                        f"which exist for splits {list(DMS_SPLITS)} only: run one of those splits, set "
+                        "method.models.a.labeled / b.labeled to your own lists' split names, or use "
+                        "method.pair_init=inits or seeds"
+                    )
+                name = f"{base}-{default_side}"
+            warmup[key] = str(name)
+        if warmup["a"] == warmup["b"]:
+            raise DMTCError(f"pair_init=subsets needs two different warm-up lists, but method.models.a.labeled and "
+                            f"b.labeled are both {warmup['a']} (DMT: {base}-l and {base}-r)")
+    return PairSpec(mode, dict(zip(PAIR, seeds)), inits, warmup)
+
+
+def build_pair(cfg: DictConfig, spec: PairSpec | None = None) -> dict[str, nn.Module]:
+    """Models A and B of ``spec`` (default :func:`pair_spec`): model k built from its init under
+    ``torch.manual_seed(seed + method.seeds[k])``. A missing or unusable weight file is one DMTCError
+    naming the model's key and the file."""
+    spec = spec or pair_spec(cfg)
+    models = {}
+    for key in PAIR:
+        torch.manual_seed(int(cfg.seed) + spec.seeds[key])
+        if spec.mode == "seeds":
             models[key] = build_model(cfg)
-        return models
-    if mode in ("inits", "subsets"):
-        what = ("two init sources (e.g. A from COCO, B from ImageNet weights)" if mode == "inits"
-                else "two labeled subsets by difference-maximized sampling (DMS -l/-r lists)")
-        raise DMTCError(f"method.pair_init={mode} ({what}) is not available yet: it needs the real datasets' "
-                        "weights and lists; use method.pair_init=seeds")
-    raise DMTCError(f"method.pair_init={mode!r}: choose seeds, inits or subsets")
+            continue
+        try:
+            models[key] = build_model(cfg, init=spec.inits[key])
+        except DMTCError as err:
+            raise DMTCError(f"model {key.upper()} of the pair (pair_init={spec.mode}, "
+                            f"method.models.{key}.init={spec.inits[key]}): {err}") from err
+    return models
+
+
+def warmup_lists(cfg: DictConfig, spec: PairSpec, split: Split) -> dict[str, list[str]] | None:
+    """Per model the labeled names of its warm-up (``pair_init=subsets``; None otherwise): the lists of
+    split ``spec.warmup[k]`` (DMT's ``-l``/``-r`` files when supplied, else made by difference-maximized
+    sampling, :func:`dmtc.builders.resolve_split`), each a subset of the run's labeled split."""
+    if not spec.warmup:
+        return None
+    layout = build_layout(cfg)
+    lists = {}
+    for key, name in spec.warmup.items():
+        sub = copy.deepcopy(cfg)
+        with open_dict(sub):
+            sub.split = name
+        what = f"the warm-up list of model {key.upper()} (pair_init=subsets, method.models.{key}.labeled={name})"
+        try:
+            names = resolve_split(sub, layout).labeled
+        except DMTCError as err:
+            raise DMTCError(f"cannot get {what}: {err}") from err
+        if not names:
+            raise DMTCError(f"{what} is empty: point method.models.{key}.labeled at a non-empty list")
+        outside = sorted(set(names) - set(split.labeled))
+        if outside:
+            raise DMTCError(
+                f"{what} holds {len(outside)} image(s) outside the run's labeled split (split={cfg.split} "
+                f"sid={cfg.sid}), e.g. {outside[0]}: the subsets must come from the run's split, e.g. "
+                f"{cfg.split}-l / {cfg.split}-r"
+            )
+        lists[key] = names
+    return lists
 
 
 def _rank_zero() -> bool:
@@ -172,17 +298,23 @@ def _rel(path: str | Path, root: Path) -> str:
 class _Context:
     """What every phase needs: config, run dir, data, the pair, loggers."""
 
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(self, cfg: DictConfig, pair: PairSpec) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.paths.output_dir)
-        self.datamodule, self.split = build_datamodule(cfg)
+        self.pair = pair
+        #: each model's input pipeline (its init's); batches stack one block per model when they differ
+        self.norms = {k: input_normalization(cfg, init=pair.inits[k]) for k in PAIR}
+        self.stacked = stacks_inputs([self.norms[k] for k in PAIR])
+        self.datamodule, self.split = build_datamodule(cfg, input_norms=[self.norms[k] for k in PAIR])
         if not self.split.unlabeled:
             raise DMTCError(f"split={cfg.split} labels every training image: DMT needs unlabeled images "
                             "(use split=8, 20, ... or method=supervised)")
         ds = cfg.dataset
         self.layout = self.datamodule.layout
         self.layout.check_files(ds.train_subset, self.split.unlabeled, labels=False)
-        self.models = build_pair(cfg)
+        self.warmup = warmup_lists(cfg, pair, self.split)
+        self.datamodule.set_model_labeled(self.warmup)  # warm-up only; phases use the whole split
+        self.models = build_pair(cfg, pair)
         self.loggers = build_loggers(cfg)
 
 
@@ -196,12 +328,13 @@ def _fit_phase(ctx: _Context, phase: Phase, step_offset: int, pseudo: dict[str, 
     contrastive = contrastive_settings(cfg, phase)  # a new module per phase: a fresh memory bank
     if phase.ratio is None:
         module = MutualTrainingModule(ctx.models, stage="warmup", step_offset=step_offset, contrastive=contrastive,
-                                      **_optim_kwargs(cfg, cfg.optim.lr))
+                                      stacked_inputs=ctx.stacked, **_optim_kwargs(cfg, cfg.optim.lr))
         overrides: dict[str, Any] = {}
     else:
         p = cfg.method.phase
         module = MutualTrainingModule(ctx.models, stage="mutual", gamma1=p.gamma1, gamma2=p.gamma2,
-                                      step_offset=step_offset, contrastive=contrastive, **_optim_kwargs(cfg, p.lr))
+                                      step_offset=step_offset, contrastive=contrastive, stacked_inputs=ctx.stacked,
+                                      **_optim_kwargs(cfg, p.lr))
         overrides = {"max_epochs": int(p.epochs), "max_steps": int(p.max_steps), "num_sanity_val_steps": 0,
                      "val_check_interval": p.val_check_interval, "check_val_every_n_epoch": 1}
     trainer = build_trainer(cfg, loggers=ctx.loggers, exclude_callbacks=("model_checkpoint",),
@@ -251,10 +384,13 @@ def _label_phase(ctx: _Context, phase: Phase, prev: dict[str, Any]) -> tuple[dic
     """Label the unlabeled split with both phase k-1 models; thresholds for r_k; the phase's loader."""
     cfg, run_dir, ds = ctx.cfg, ctx.run_dir, ctx.cfg.dataset
     phase_dir = run_dir / phase.name
-    transform = labeling_transform(cfg)
+    base_size = list(ds.base_size) if ds.get("base_size") else None
     stores, thresholds, summaries = {}, {}, {}
     start = time.perf_counter()
     for key in PAIR:
+        # evaluation normalisation of the model's own init, at the training base size (labels are made
+        # where training crops); = dmtc.labeling.labeling_transform for the config's own init
+        transform = build_eval_transform(base_size=base_size, **ctx.norms[key])
         store, hist, reused = label_images(
             ctx.models[key], ctx.layout, ds.train_subset, ctx.split.unlabeled, phase_dir / f"pseudo_{key}",
             meta={"model": key, "source": prev["checkpoints"][key], "phase": phase.index},
@@ -271,12 +407,10 @@ def _label_phase(ctx: _Context, phase: Phase, prev: dict[str, Any]) -> tuple[dic
     log.info("%s: pseudo labels ready in %.1fs (kept A %.1f%%, B %.1f%% of pixels)", phase.name,
              time.perf_counter() - start, 100 * summaries["a"]["kept_fraction"], 100 * summaries["b"]["kept_fraction"])
 
-    norm = input_normalization(cfg)
-    base_size = list(ds.base_size) if ds.get("base_size") else None
-    train_tf = build_train_transform(crop_size=list(ds.crop_size), scale_range=list(ds.scale_range),
-                                     base_size=base_size, flip=ds.flip, **norm)
-    unlabeled = PseudoLabeledDataset(ctx.layout, ds.train_subset, ctx.split.unlabeled, stores, thresholds, train_tf)
-    labeled = ctx.datamodule.train_dataset()
+    # the warm-up's training transform (one normalised block per model when their inits differ)
+    unlabeled = PseudoLabeledDataset(ctx.layout, ds.train_subset, ctx.split.unlabeled, stores, thresholds,
+                                     ctx.datamodule.train_transform)
+    labeled = ctx.datamodule.train_dataset()  # the run's whole labeled split, in every pair_init mode
     p = cfg.method.phase
 
     def make_loader(world_size: int) -> Any:
@@ -308,7 +442,10 @@ def _final_results(cfg: DictConfig, ctx: _Context, records: list[dict[str, Any]]
         "sid": int(cfg.sid),
         "seed": int(cfg.seed),
         "backbone": cfg.backbone.name,
-        "pair_init": str(cfg.method.pair_init),
+        "pair_init": ctx.pair.mode,
+        "pair": {"inits": dict(ctx.pair.inits), "seeds": dict(ctx.pair.seeds), "warmup_lists": ctx.pair.warmup,
+                 "warmup_labeled": {k: len(v) for k, v in ctx.warmup.items()} if ctx.warmup else None,
+                 "stacked_inputs": ctx.stacked},
         "ratios": [float(r) for r in cfg.method.ratios],
         "model": key,
         "miou": final["val"][key]["miou"],
@@ -353,16 +490,21 @@ def run_dmt(cfg: DictConfig) -> dict[str, Any]:
     phases = phases_of(cfg)
     for phase in phases[:2]:  # the warm-up's and the phases' settings: fail before any work
         contrastive_settings(cfg, phase)
+    pair = pair_spec(cfg)
     if cfg.get("overwrite", False) and _rank_zero():
         results_path.unlink(missing_ok=True)
         for phase in phases:
             shutil.rmtree(run_dir / phase.name, ignore_errors=True)
     start = time.perf_counter()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    ctx = _Context(cfg)
+    ctx = _Context(cfg, pair)
     log.info("DMT on %s split=%s sid=%s: %d labeled, %d unlabeled, %d val images; phases %s",
              cfg.dataset.name, cfg.split, cfg.sid, len(ctx.split.labeled), len(ctx.split.unlabeled),
              len(ctx.split.val), [p.name for p in phases])
+    warm = {k: f"{pair.warmup[k]} ({len(ctx.warmup[k])} images)" for k in PAIR} if ctx.warmup else None
+    log.info("pair_init=%s: A init %s seed %d%s, B init %s seed %d%s%s", pair.mode, pair.inits["a"], pair.seeds["a"],
+             f" warm-up on {warm['a']}" if warm else "", pair.inits["b"], pair.seeds["b"],
+             f" warm-up on {warm['b']}" if warm else "", "; one input block per model" if ctx.stacked else "")
 
     records: list[dict[str, Any]] = []
     pending: dict[str, str] | None = None  # checkpoints to load into the pair before the next phase runs

@@ -170,11 +170,6 @@ def test_missing_unlabeled_list(compose_cfg, capsys, tmp_path):
     expect_user_error(train, cfg, capsys, "mine_u.txt")
 
 
-def test_pair_init_modes_needing_real_data_are_one_error(compose_cfg, capsys):
-    cfg = compose_cfg(overrides=[*DMT, "method.pair_init=subsets"])
-    expect_user_error(train, cfg, capsys, "pair_init=subsets", "seeds")
-
-
 def test_split_without_unlabeled_images(compose_cfg, capsys):
     cfg = compose_cfg(overrides=[*DMT, "split=1"])
     expect_user_error(train, cfg, capsys, "split=1", "unlabeled")
