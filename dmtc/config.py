@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -25,10 +26,36 @@ def run_name(override_dirname: str) -> str:
     return name or "default"
 
 
+def synthetic_dir(seed: int, spec: Any) -> str:
+    """Folder name of a generated synthetic dataset: ``seed<seed>`` for the default spec, else
+    ``seed<seed>-<hash of the spec>``.
+
+    Two runs that ask for different specs (``dataset.generate.spec.hue_jitter=30``) thus never share,
+    and never regenerate, each other's data; an override equal to a default changes nothing.
+    """
+    import json
+    from dataclasses import asdict
+
+    from dmtc.data.synthetic import DEFAULT_SPEC, SyntheticSpec
+    from dmtc.errors import DMTCError
+
+    values = OmegaConf.to_container(spec, resolve=True) if OmegaConf.is_config(spec) else dict(spec or {})
+    try:
+        resolved = SyntheticSpec(**values)
+    except (TypeError, ValueError, DMTCError):  # prepare_dataset reports a bad spec with a clear message
+        resolved = None
+    if resolved == DEFAULT_SPEC:
+        return f"seed{seed}"
+    text = json.dumps(asdict(resolved) if resolved is not None else values, sort_keys=True, default=str)
+    return f"seed{seed}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
 def register_resolvers() -> None:
     """Register dmtc's resolvers (idempotent)."""
     if not OmegaConf.has_resolver("dmtc_run_name"):
         OmegaConf.register_new_resolver("dmtc_run_name", run_name)
+    if not OmegaConf.has_resolver("dmtc_synthetic_dir"):
+        OmegaConf.register_new_resolver("dmtc_synthetic_dir", synthetic_dir)
 
 
 register_resolvers()

@@ -226,3 +226,19 @@ def test_invalid_spec(kwargs):
 def test_invalid_seed(tmp_path):
     with pytest.raises(DMTCError, match="seed"):
         generate_synthetic(tmp_path / "syn", SMALL, seed=-1)
+
+
+def test_dataset_root_names_the_spec():
+    """A changed spec gets its own folder, so it never regenerates (replaces) the data of other runs that
+    share the cache; an override equal to a default, or another seed, maps as expected."""
+    from hydra import compose, initialize_config_dir
+
+    import dmtc.config  # noqa: F401  (registers the resolvers)
+
+    hue30 = "dataset.generate.spec.hue_jitter=30"
+    cases = [[], ["dataset.generate.spec.hue_jitter=60"], [hue30], ["dataset.generate.seed=3"],
+             ["dataset.generate.seed=3", hue30]]
+    with initialize_config_dir(str(Path(__file__).parents[1] / "configs"), version_base="1.3"):
+        names = [Path(compose("train", overrides=o).dataset.root).name for o in cases]
+    assert names[0] == names[1] == "seed0" and names[3] == "seed3"
+    assert names[2].startswith("seed0-") and names[4].startswith("seed3-") and names[2][6:] == names[4][6:]
