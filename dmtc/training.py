@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,9 @@ def train_supervised(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     results_path = output_dir / "results.json"
 
+    if cfg.get("overwrite", False) and int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(
+            os.environ.get("NODE_RANK", "0")) == 0:
+        shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)  # retrain from scratch: no stale best
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     start = time.perf_counter()
     datamodule, split = build_datamodule(cfg)
@@ -64,7 +69,7 @@ def train_supervised(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg)
 
     last = output_dir / "checkpoints" / "last.ckpt"
-    resume = str(last) if last.is_file() else None
+    resume = str(last) if last.is_file() and not cfg.get("overwrite", False) else None
     if resume:
         log.info("resuming from %s", resume)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)

@@ -46,6 +46,16 @@ def test_train_then_evaluate_entry_points(tmp_path):
     assert proc.returncode == 0 and "run is finished" in proc.stdout + proc.stderr
     assert _results(run_dirs[0])["wall_time_s"] == trained["wall_time_s"]
 
+    # overwrite=true retrains from scratch in the same folder: no resume from last.ckpt, no stale files
+    (run_dirs[0] / "checkpoints" / "stale-from-an-earlier-run.ckpt").write_bytes(b"")
+    before = (run_dirs[0] / "results.json").stat().st_mtime_ns
+    proc = run_script("train.py", [*overrides, "overwrite=true"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming" not in proc.stdout + proc.stderr
+    retrained = _results(run_dirs[0])
+    assert retrained["steps"] == trained["steps"] and (run_dirs[0] / "results.json").stat().st_mtime_ns != before
+    assert not (run_dirs[0] / "checkpoints" / "stale-from-an-earlier-run.ckpt").exists()
+
 
 def test_unknown_dataset_is_one_hydra_message(tmp_path):
     proc = run_script("train.py", ["dataset=cityscapez"], cwd=tmp_path, timeout=120)
