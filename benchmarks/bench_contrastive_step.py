@@ -140,14 +140,16 @@ class Batches(torch.utils.data.Dataset):
         return self.batches[index % len(self.batches)]
 
 
-def dmtc_settings(overrides: list[str]) -> tuple[dict[str, ContrastiveSettings | None], int, list[int]]:
-    """DMTC's contrastive settings per stage from the composed ``method=dmtc`` config, the projection
-    width and the ASPP dilations."""
+def dmtc_settings(overrides: list[str], backbone: str
+                  ) -> tuple[dict[str, ContrastiveSettings | None], tuple[int, int], list[int]]:
+    """DMTC's contrastive settings per stage from the composed ``method=dmtc backbone=<backbone>`` config,
+    the projection head's (width, hidden width) and the ASPP dilations."""
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        cfg = compose("train", overrides=["method=dmtc", *overrides])
+        cfg = compose("train", overrides=["method=dmtc", f"backbone={backbone}", *overrides])
     per_stage = {"warmup": contrastive_settings(cfg, Phase(0, None)),
                  "mutual": contrastive_settings(cfg, Phase(1, 0.2))}
-    return per_stage, int(cfg.model.projection_dim), [int(d) for d in cfg.model.aspp_dilations]
+    head = (int(cfg.model.projection_dim), int(cfg.model.projection_hidden))
+    return per_stage, head, [int(d) for d in cfg.model.aspp_dilations]
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -216,7 +218,7 @@ class StepTimer(L.Callback):
 
 
 def build_module(setting: str, stage: str, args: argparse.Namespace, per_stage: dict[str, Any],
-                 dim: int, dilations: list[int]) -> MutualTrainingModule:
+                 dim: tuple[int, int], dilations: list[int]) -> MutualTrainingModule:
     contrastive = None
     if setting != "dmt":
         contrastive = per_stage[stage]
@@ -232,13 +234,13 @@ def build_module(setting: str, stage: str, args: argparse.Namespace, per_stage: 
     for i, key in enumerate("ab"):
         torch.manual_seed(args.seed + i)  # the same backbone/ASPP init in every setting
         models[key] = deeplab_v2(args.classes, backbone=args.backbone, aspp_dilations=dilations,
-                                 projection_dim=None if contrastive is None else dim)
+                                 projection_dim=None if contrastive is None else dim[0], projection_hidden=dim[1])
     return MutualTrainingModule(models, stage=stage, contrastive=contrastive, num_classes=args.classes,
                                 class_names=[f"c{i}" for i in range(args.classes)], lr=0.01)
 
 
-def run_stage(stage: str, settings: list[str], args: argparse.Namespace, per_stage: dict[str, Any], dim: int,
-              dilations: list[int]) -> dict[str, list[float]]:
+def run_stage(stage: str, settings: list[str], args: argparse.Namespace, per_stage: dict[str, Any],
+              dim: tuple[int, int], dilations: list[int]) -> dict[str, list[float]]:
     """Per-step times (s) of every setting for ``stage``, timed steps only, aligned by round."""
     steps = args.warmup_steps + args.rounds
     batches = make_batches(stage, min(steps, 8), args.labeled, args.unlabeled, args.crop, args.classes,
@@ -290,7 +292,7 @@ def contrastive_inputs(stage: str, batch: dict[str, Any], module: MutualTraining
     return images, labels, valid
 
 
-def run_breakdown(stage: str, args: argparse.Namespace, per_stage: dict[str, Any], dim: int,
+def run_breakdown(stage: str, args: argparse.Namespace, per_stage: dict[str, Any], dim: tuple[int, int],
                   dilations: list[int]) -> dict[str, list[float]]:
     """Per-call times (s) of the contrastive path's parts for one model (A) on one batch of ``stage``:
     the projection head's forward + backward (on fixed backbone features, their gradient included), and
@@ -410,7 +412,7 @@ def main() -> None:
     args.threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(args.threads)
     settings = args.settings.split(",")
-    per_stage, dim, dilations = dmtc_settings(args.overrides)
+    per_stage, dim, dilations = dmtc_settings(args.overrides, args.backbone)
     load_start = os.getloadavg()[0]
     started = time.perf_counter()
     results = {stage: run_stage(stage, settings, args, per_stage, dim, dilations)

@@ -429,6 +429,7 @@ def build_model(cfg: DictConfig, init: str | None = None) -> Any:
         aspp_dilations=tuple(cfg.model.aspp_dilations),
         pretrained=path if init == "imagenet" else None,
         projection_dim=cfg.model.get("projection_dim"),  # DMTC projection head (configs/method/dmtc.yaml)
+        projection_hidden=int(cfg.model.get("projection_hidden") or 256),
     )
     if init == "coco":
         from dmtc.models.checkpoints import load_coco_init

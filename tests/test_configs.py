@@ -34,6 +34,20 @@ def test_dataset_picks_its_backbone_and_command_line_wins():
         assert compose("train", overrides=["dataset=folder", "debug=smoke"]).backbone.name == "resnet_tiny"
 
 
+def test_projection_head_width_follows_the_backbone():
+    """DMTC's head: 3×3 conv F→hidden (256 on ResNet-101, as DMTC; 64 on resnet_tiny) → 1×1 → 150."""
+    from dmtc.builders import build_model
+
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        tiny = compose("train", overrides=["method=dmtc"])
+        r101 = compose("train", overrides=["method=dmtc", "backbone=resnet101", "backbone.init=none"])
+        wide = compose("train", overrides=["method=dmtc", "method.contrastive.hidden=32"])
+    assert (r101.model.projection_dim, r101.model.projection_hidden) == (150, 256)
+    assert (tiny.model.projection_hidden, wide.model.projection_hidden) == (64, 32)
+    convs = [m for m in build_model(tiny).projection.modules() if m.__class__.__name__ == "Conv2d"]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(128, 64), (64, 150)]
+
+
 def test_precision_and_strategy_land_in_trainer():
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=["precision=bf16-mixed", "strategy=ddp"])
