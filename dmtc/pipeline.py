@@ -61,6 +61,7 @@ from dmtc.builders import (
     resolve_split,
     stacks_inputs,
 )
+from dmtc.callbacks import last_checkpoint_callback
 from dmtc.data.pseudo import PseudoLabeledDataset, build_phase_loader
 from dmtc.data.splits import DMS_SPLITS, parse_split
 from dmtc.data.transforms import build_eval_transform
@@ -245,8 +246,8 @@ def _read_done(run_dir: Path, phase: Phase) -> dict[str, Any] | None:
 
 
 def _checkpoint_callbacks(phase_dir: Path) -> dict[str, ModelCheckpoint]:
-    """Best-by-val checkpoint per model (monitor ``val/<key>/miou``); A's callback also keeps last.ckpt."""
-    return {
+    """Best-by-val checkpoint per model (monitor ``val/<key>/miou``) and ``"last"`` (every validation)."""
+    callbacks = {
         key: ModelCheckpoint(
             dirpath=phase_dir / "checkpoints",
             filename=f"best-{key}-step{{step}}-miou{{val/{key}/miou:.2f}}",
@@ -254,10 +255,11 @@ def _checkpoint_callbacks(phase_dir: Path) -> dict[str, ModelCheckpoint]:
             monitor=f"val/{key}/miou",
             mode="max",
             save_top_k=1,
-            save_last=(key == "a"),
         )
         for key in PAIR
     }
+    callbacks["last"] = last_checkpoint_callback(phase_dir / "checkpoints")
+    return callbacks
 
 
 def _optim_kwargs(cfg: DictConfig, lr: float) -> dict[str, Any]:
@@ -337,7 +339,7 @@ def _fit_phase(ctx: _Context, phase: Phase, step_offset: int, pseudo: dict[str, 
                                       **_optim_kwargs(cfg, p.lr))
         overrides = {"max_epochs": int(p.epochs), "max_steps": int(p.max_steps), "num_sanity_val_steps": 0,
                      "val_check_interval": p.val_check_interval, "check_val_every_n_epoch": 1}
-    trainer = build_trainer(cfg, loggers=ctx.loggers, exclude_callbacks=("model_checkpoint",),
+    trainer = build_trainer(cfg, loggers=ctx.loggers, exclude_callbacks=("model_checkpoint", "last_checkpoint"),
                             extra_callbacks=list(callbacks.values()), default_root_dir=str(phase_dir), **overrides)
     last = phase_dir / "checkpoints" / "last.ckpt"
     resume = str(last) if last.is_file() else None
@@ -351,8 +353,8 @@ def _fit_phase(ctx: _Context, phase: Phase, step_offset: int, pseudo: dict[str, 
                     ckpt_path=resume)
 
     best: dict[str, str] = {}
-    for key, cb in callbacks.items():
-        path = cb.best_model_path or callbacks["a"].last_model_path
+    for key in PAIR:
+        path = callbacks[key].best_model_path or callbacks["last"].best_model_path
         if not path or not Path(path).is_file():
             raise DMTCError(f"{phase.name}: no checkpoint of model {key} was written; validation must run at "
                             "least once per phase (check trainer.limit_val_batches / val_check_interval)")

@@ -26,8 +26,11 @@ from dmtc.results import format_table, write_json
 log = logging.getLogger(__name__)
 
 
-def _checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint | None:
-    return next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
+def _best_checkpoint(trainer: L.Trainer) -> str | None:
+    """The best-by-val checkpoint (a monitored ModelCheckpoint), else the newest one saved, else None."""
+    saved = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.best_model_path]
+    monitored = [cb for cb in saved if cb.monitor is not None]
+    return (monitored or saved)[0].best_model_path if saved else None
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -74,10 +77,7 @@ def train_supervised(cfg: DictConfig) -> dict[str, Any]:
         log.info("resuming from %s", resume)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
 
-    ckpt_cb = _checkpoint_callback(trainer)
-    best = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
-    if best is None and ckpt_cb is not None and ckpt_cb.last_model_path:
-        best = ckpt_cb.last_model_path
+    best = _best_checkpoint(trainer)
     trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
     summary = module.val_summaries[module.primary]
 

@@ -23,7 +23,7 @@ from dmtc.training import train
 # Small contrastive sizes keep CPU runs in seconds; the defaults (150 dims, 256 queries, 512 negatives)
 # are DMTC's.
 SMALL = ["method.contrastive.dim=16", "method.contrastive.num_queries=32", "method.contrastive.num_negatives=64"]
-DMTC = ["method=dmtc", "method.ratios=[1.0]", *SMALL]
+DMTC = ["method=dmtc", "method.ratios=[1.0]", "method.phase.epochs=1", *SMALL]
 NUM_CLASSES = 10
 NAMES = [f"c{i}" for i in range(NUM_CLASSES)]
 
@@ -40,11 +40,11 @@ class BankDump(L.Callback):
         torch.save(state, self.out / f"rank{trainer.global_rank}.pt")
 
 
-def _pair(dim: int = 16) -> dict[str, torch.nn.Module]:
+def _pair(dim: int = 16, hidden: int = 256) -> dict[str, torch.nn.Module]:
     models = {}
     for i, key in enumerate("ab"):
         torch.manual_seed(i)
-        models[key] = deeplab_v2(NUM_CLASSES, backbone="resnet_tiny", projection_dim=dim)
+        models[key] = deeplab_v2(NUM_CLASSES, backbone="resnet_tiny", projection_dim=dim, projection_hidden=hidden)
     return models
 
 
@@ -160,7 +160,7 @@ def test_two_phase_dmtc_run_logs_and_checkpoints_the_bank(compose_cfg):
     ckpt = torch.load(run / "phase1_r1" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     state = ckpt["state_dict"]
     assert state["banks.a.features"].shape == (NUM_CLASSES, 16, 16) and int(state["banks.a.count"].sum()) > 0
-    fresh = _module(_pair(), weight=0.1, bank_size=16)
+    fresh = _module(_pair(hidden=int(cfg.model.projection_hidden)), weight=0.1, bank_size=16)
     assert int(fresh.banks["a"].count.sum()) == 0
     fresh.load_state_dict(state)
     for key in "ab":
@@ -172,7 +172,10 @@ def test_ddp_ranks_end_with_identical_banks(tmp_path):
     """train.py method=dmtc strategy=ddp on 2 CPU processes (gloo): after warm-up and one phase both ranks
     hold the same non-empty banks (enqueue all-gathers), equal to the one in rank 0's last.ckpt."""
     dump = tmp_path / "banks"
-    overrides = [*tiny_run_overrides(tmp_path), *DMTC, "method.contrastive.bank_size=16", "strategy=ddp",
+    # two phase epochs: the bank in last.ckpt must be the final one even if the last validation does not
+    # improve on the best
+    overrides = [*tiny_run_overrides(tmp_path), *DMTC, "method.phase.epochs=2", "method.contrastive.bank_size=16",
+                 "strategy=ddp",
                  "trainer.accelerator=cpu", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'run'}",
                  "+callbacks.bank_dump._target_=test_dmtc.BankDump", f"+callbacks.bank_dump.out={dump}"]
     env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled",

@@ -116,3 +116,17 @@ def _folder_dataset(root: Path, n: int = 8, size: int = 32) -> Path:
             cv2.imwrite(str(root / "images" / subset / f"img_{i}.png"), rng.integers(0, 255, (size, size, 3), np.uint8))
             cv2.imwrite(str(root / "labels" / subset / f"img_{i}.png"), rng.integers(0, 3, (size, size), np.uint8))
     return root
+
+
+def test_last_checkpoint_follows_every_validation(compose_cfg):
+    """last.ckpt (where a rerun resumes) is rewritten at every validation, also when mIoU does not improve:
+    Lightning's save_last only refreshes it together with a new best checkpoint."""
+    cfg = compose_cfg(overrides=["optim.lr=0", "trainer.max_epochs=3", "trainer.limit_train_batches=2"])
+    results = train(cfg)
+    ckpts = Path(cfg.paths.output_dir) / "checkpoints"
+    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
+    assert results["steps"] == last["global_step"] == 6 and last["epoch"] == 2
+    (best,) = [p for p in ckpts.iterdir() if p.name.startswith("best-")]
+    # lr 0 (only BatchNorm statistics move): the last validation did not improve on the best, so
+    # Lightning's save_last would have left last.ckpt at the best's step
+    assert "step6-" not in best.name and results["checkpoint"] == str(best)
