@@ -1,6 +1,6 @@
 """Supervised mIoU on the synthetic set with 1/8 of the labels vs all labels: the gap DMT must close.
 
-Runs the real entry point (`python train.py split=S sid=SID ...`) once per split, each in its own run
+Runs the real entry point (`python train.py method=supervised split=S sid=SID ...`) once per split, each in its own run
 folder under --out, and prints a markdown table with date, machine and command for benchmarks/RESULTS.md.
 
     python benchmarks/synthetic_gap.py --splits 8 1 --sids 0 [-- extra overrides]
@@ -40,7 +40,7 @@ def main() -> None:
     for sid in args.sids:
         for split in args.splits:
             run_dir = Path(args.out) / f"split{split}_sid{sid}"
-            cmd = [sys.executable, str(REPO / "train.py"), f"split={split}", f"sid={sid}",
+            cmd = [sys.executable, str(REPO / "train.py"), "method=supervised", f"split={split}", f"sid={sid}",
                    f"hydra.run.dir={run_dir}", "logger=none", *args.overrides]
             start = time.perf_counter()
             subprocess.run(cmd, check=True, cwd=REPO, env=dict(os.environ, WANDB_MODE="disabled"))

@@ -24,6 +24,7 @@ TINY_OVERRIDES = [f"dataset.generate.spec.{k}={v}" for k, v in TINY_SPEC.items()
 def tiny_run_overrides(tmp: Path, synthetic: bool = True) -> list[str]:
     """Overrides that make a CPU run of the real entry points take seconds, writing only under ``tmp``."""
     overrides = [
+        "method=supervised",  # the default is DMTC; tests that want it say method=dmt/dmtc (the last wins)
         "debug=smoke",
         f"paths.cache_dir={tmp / 'cache'}",
         f"paths.log_dir={tmp / 'outputs'}",

@@ -24,7 +24,7 @@ from dmtc.models import deeplab_v2
 from dmtc.pseudo_labels import PseudoLabelStore, decode_score, score_to_confidence
 from dmtc.training import train
 
-DMT = ["method=dmt", "method.ratios=[0.5,1.0]"]
+DMT = ["method=dmt", "method.ratios=[0.5,1.0]", "method.phase.epochs=1"]
 
 
 def _dmt_overrides(tmp: Path) -> list[str]:

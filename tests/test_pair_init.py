@@ -22,7 +22,7 @@ from dmtc.models import deeplab_v2
 from dmtc.pipeline import PairSpec, build_pair, pair_spec
 from dmtc.training import train
 
-DMT = ["method=dmt", "method.ratios=[1.0]"]
+DMT = ["method=dmt", "method.ratios=[1.0]", "method.phase.epochs=1"]
 # end-to-end runs on an even smaller set: 24 training images (3 labeled at split 8, 21 unlabeled), 4 val
 SMALL = ["dataset.generate.spec.num_train=24", "dataset.generate.spec.num_val=4"]
 IMAGENET, CAFFE = INIT_INPUTS["imagenet"], INIT_INPUTS["coco"]
@@ -106,7 +106,7 @@ def test_pair_and_phase_schedule_come_from_the_dataset(compose_cfg):
     cfg = compose_cfg(overrides=["method=dmt"])  # synthetic: a seeds pair, the CPU-sized phase schedule
     p = cfg.method.phase
     assert cfg.method.pair_init == "seeds" and cfg.method.get("schedules") is None
-    assert (p.epochs, p.lr, p.gamma1, p.gamma2, p.labeled_batch_size, p.unlabeled_batch_size) == (1, 0.01, 3, 3, 2, 6)
+    assert (p.epochs, p.lr, p.gamma1, p.gamma2, p.labeled_batch_size, p.unlabeled_batch_size) == (2, 0.01, 3, 3, 2, 6)
     assert list(cfg.method.ratios) == [0.2, 0.4, 0.6, 0.8, 1.0]
     assert pair_spec(cfg) == PairSpec("seeds", {"a": 0, "b": 1}, {"a": "none", "b": "none"}, None)
     # the command line wins over the dataset's values; the dataset file's values feed method.phase

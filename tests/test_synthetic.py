@@ -235,9 +235,9 @@ def test_dataset_root_names_the_spec():
 
     import dmtc.config  # noqa: F401  (registers the resolvers)
 
-    hue30 = "dataset.generate.spec.hue_jitter=30"
-    cases = [[], ["dataset.generate.spec.hue_jitter=60"], [hue30], ["dataset.generate.seed=3"],
-             ["dataset.generate.seed=3", hue30]]
+    hue45 = "dataset.generate.spec.hue_jitter=45"
+    cases = [[], ["dataset.generate.spec.hue_jitter=30"], [hue45], ["dataset.generate.seed=3"],
+             ["dataset.generate.seed=3", hue45]]
     with initialize_config_dir(str(Path(__file__).parents[1] / "configs"), version_base="1.3"):
         names = [Path(compose("train", overrides=o).dataset.root).name for o in cases]
     assert names[0] == names[1] == "seed0" and names[3] == "seed3"

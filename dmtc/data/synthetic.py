@@ -7,7 +7,7 @@ pseudo-labelling, evaluation) runs on a CPU in minutes with no download.
 It is meant to be a *real* semi-supervised task, not a toy: a tiny DeepLab trained on 1/8 of the labels
 should fall clearly short of one trained on all of them, leaving a gap for pseudo-labelling to close.
 Each foreground class is a (shape, texture) pair; shapes and textures are each shared by several
-classes, and colours are drawn around a per-class hue with a jitter wider than the hue spacing, so no
+classes, and colours are drawn around a per-class hue with a jitter (±30°) wider than half the 40° spacing, so no
 single cue (colour, shape or texture) identifies a class. On top come random rotation / aspect / size,
 several objects per image that occlude each other, a textured background with distractor lines, dots and
 untextured shapes (all background), a lighting gradient, global brightness, blur and sensor noise. Like
@@ -110,8 +110,10 @@ class SyntheticSpec:
     """Equivalent-disk radius of an object, as a fraction of image_size (log-uniform)."""
     aspect_jitter: float = 0.15
     """Each object axis is stretched by a factor in [1 - j, 1 + j]."""
-    hue_jitter: float = 60.0
-    """Degrees around the class hue; classes are 40 degrees apart, so colour distributions overlap."""
+    hue_jitter: float = 30.0
+    """Degrees around the class hue; classes are 40 degrees apart, so neighbours' colours overlap and colour
+    narrows a pixel down to two or three classes (60 makes colour nearly useless: the split-8 model then
+    reaches only ~32 mIoU and its pseudo labels are too wrong for DMT, benchmarks/RESULTS.md)."""
     texture_contrast: tuple[float, float] = (0.35, 0.8)
     texture_period: tuple[float, float] = (4.0, 9.0)
     """Stripe / checker / dot period in pixels."""
