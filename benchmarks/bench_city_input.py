@@ -40,6 +40,8 @@ from torchvision import tv_tensors
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from machine import cpu_model  # noqa: E402  (benchmarks/machine.py; this folder is on sys.path)
+
 import dmtc.config  # noqa: E402,F401  (resolvers)
 from dmtc.builders import build_datamodule, input_normalization  # noqa: E402
 from dmtc.data.datasets import read_image, read_label  # noqa: E402
@@ -159,8 +161,7 @@ def main() -> None:
         cache_label_mb = mean_size([cached.layout.label_path("train", n) for n in train])
         n_cached = len(train) + len(val)
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = cpu_model()
     load = os.getloadavg()[0]
     print(f"\n**{dt.date.today()}**, {os.cpu_count()} CPU ({cpu}), load avg (1 min) at the end {load:.2f}; "
           f"torch {torch.__version__}, torchvision {torchvision.__version__}, opencv {cv2.__version__}, "

@@ -58,7 +58,6 @@ import argparse
 import datetime
 import logging
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -73,6 +72,7 @@ import lightning as L
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
+from machine import cpu_model  # benchmarks/machine.py (this folder is on sys.path)
 
 from dmtc.data.synthetic import SyntheticSpec, render_sample
 from dmtc.models import deeplab_v2
@@ -346,16 +346,7 @@ def run_breakdown(stage: str, args: argparse.Namespace, per_stage: dict[str, Any
 
 # ------------------------------------------------------------------------------------------ report
 def machine(device: str) -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    text = f"{os.cpu_count()} CPU ({model})"
+    text = f"{os.cpu_count()} CPU ({cpu_model()})"
     if device == "cuda":
         text += f", {torch.cuda.get_device_name()}"
     return text

@@ -62,6 +62,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from machine import cpu_model  # benchmarks/machine.py (this folder is on sys.path)
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -242,16 +243,6 @@ def run_two_passes(model: nn.Module, loader: DataLoader, workdir: Path, num_clas
 
 
 # ----------------------------------------------------------------------------------------- report
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def best_run(runs: list[tuple[dict[str, float], dict[str, Any]]]) -> tuple[dict[str, float], dict[str, Any]]:
     """The run with the lowest total time: on a shared machine interference only ever adds time."""
     return min(runs, key=lambda run: sum(run[0].values()))

@@ -21,13 +21,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import cpu_model  # benchmarks/machine.py (this folder is on sys.path)
 
 HERE = Path(__file__).resolve().parent
 N, D, H, W, C = 8, 150, 33, 65, 19
@@ -103,16 +104,7 @@ def worker(mode: str, runs: int) -> dict:
 
 
 def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPU ({model})"
+    return f"{os.cpu_count()} CPU ({cpu_model()})"
 
 
 def main() -> None:
