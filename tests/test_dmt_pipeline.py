@@ -163,9 +163,9 @@ def test_pseudo_label_checkpoint_with_other_class_count(compose_cfg, capsys, tmp
 
 
 def test_missing_unlabeled_list(compose_cfg, capsys, tmp_path):
-    root = tmp_path / "cache" / "synthetic" / "seed0"
     cfg = compose_cfg(overrides=[*DMT, "dataset.split_lists={labeled:mine_l.txt,unlabeled:mine_u.txt}"])
     prepare_dataset(cfg)
+    root = Path(cfg.dataset.root)
     (root / "mine_l.txt").write_text("train_00000\ntrain_00001\n")
     expect_user_error(train, cfg, capsys, "mine_u.txt")
 
