@@ -9,16 +9,18 @@ from the histogram, and the dataset applies ``label[score < t[label]] = 255`` at
 
 Confidence is stored and ranked as the *score* ``s = -log(1 - p)`` of the max-softmax probability p,
 computed from the logits as ``s = logsumexp(z) - logsumexp(z without its max)`` (exact, no float32
-saturation), quantised to 16 bits over [0, SCORE_MAX]. Ranking by s is ranking by p, but s keeps
-confident pixels apart: trained models put most pixels within 1e-5 of p = 1, where a linear 16-bit code of
-p (or float16) collapses them into one bin and the class-balanced curriculum can no longer keep "the top
-r" (measured on the synthetic set: a class kept 82% of its pixels at r = 0.4). With SCORE_MAX = 32 one
-code step is 4.9e-4 in s, i.e. at most 4.9e-4 in p anywhere, and p up to 1 - 1.3e-14 stays ordered.
+saturation). Ranking by s is ranking by p, but s keeps confident pixels apart: trained (and untrained)
+models put many pixels within 1e-5 of p = 1, where a linear 16-bit code of p (or float16) collapses them
+into one bin and the class-balanced curriculum can no longer keep "the top r" (measured: a class kept 82% of
+its pixels at r = 0.4). The 16-bit code is logarithmic in s, ``code = round(K · log(1 + s / 0.1))`` with
+``K = 65535 / log(1 + 1000 / 0.1)``: one step is 1.4e-5 in s near s = 0 (at most 3e-5 in p anywhere) and
+0.014% of s + 0.1 above, up to s = 1000 (logit margins of 1000); decoding goes through one 65,536-entry
+float32 table shared by every reader, so thresholds and stored scores compare exactly.
 
 Store layout (:class:`PseudoLabelStore`)::
 
     <directory>/label/<name>.png        uint8 argmax class
-    <directory>/confidence/<name>.png   uint16 score code, round(s / SCORE_MAX * 65535)
+    <directory>/confidence/<name>.png   uint16 score code (:func:`quantize_score`)
     <directory>/histogram.npy           int64 C×bins counts of scores (optional)
     <directory>/manifest.json           written last; only a store with a matching manifest is trusted
 
@@ -63,10 +65,11 @@ __all__ = [
 
 CODE_MAX = 65535
 """Largest 16-bit code of a stored score."""
-SCORE_MAX = 32.0
-"""Scores ``s = -log(1 - p)`` are clamped to [0, SCORE_MAX] (p <= 1 - 1.3e-14) before quantisation."""
-SCORE_STEP = np.float32(SCORE_MAX / CODE_MAX)
-SCORE_FORMAT = "neglog1m-p/32/u16"
+SCORE_MAX = 1000.0
+"""Scores ``s = -log(1 - p)`` are clamped to [0, SCORE_MAX] before quantisation."""
+_SCORE_S0 = 0.1
+_SCORE_K = CODE_MAX / math.log1p(SCORE_MAX / _SCORE_S0)
+SCORE_FORMAT = "neglog1m-p/log1p-0.1-1000/u16"
 """Recorded in store manifests: stores written with another confidence code are redone, never misread."""
 
 
@@ -87,19 +90,34 @@ def confidence_score(logits: Tensor, dim: int = 1) -> tuple[Tensor, Tensor]:
     return label.squeeze(dim), score
 
 
+def _code_to_score(code: np.ndarray) -> np.ndarray:
+    """Inverse of the code, float64 in, float32 out: ``s = 0.1 · (exp(code / K) - 1)``."""
+    return (_SCORE_S0 * np.expm1(np.asarray(code, dtype=np.float64) / _SCORE_K)).astype(np.float32)
+
+
+_DECODE = _code_to_score(np.arange(CODE_MAX + 1))  # the one table every reader decodes with
+_DECODE_TORCH = torch.from_numpy(_DECODE)
+
+
+def _encode(score: np.ndarray) -> np.ndarray:
+    s = np.clip(np.asarray(score, dtype=np.float64), 0.0, SCORE_MAX)
+    return np.rint(_SCORE_K * np.log1p(s / _SCORE_S0)).astype(np.uint16)
+
+
 def quantize_score(score: Tensor) -> tuple[Tensor, Tensor]:
-    """``(code, score_q)``: the int32 code ``round(clamp(s, 0, SCORE_MAX) / SCORE_MAX * 65535)`` and the
+    """``(code, score_q)``: the int32 code ``round(K · log(1 + clamp(s, 0, SCORE_MAX) / 0.1))`` and the
     float32 score the store returns for it (:func:`decode_score`). Feed the histogram ``score_q`` so its
     thresholds agree exactly with the scores :meth:`PseudoLabelStore.load` returns."""
-    code = torch.round(score.float().clamp(0.0, SCORE_MAX) / float(SCORE_STEP)).to(torch.int32)
-    return code, code.float() * float(SCORE_STEP)
+    s = score.double().clamp(0.0, SCORE_MAX)
+    code = torch.round(_SCORE_K * torch.log1p(s / _SCORE_S0)).to(torch.int32)
+    return code, decode_score(code)
 
 
 def decode_score(code: np.ndarray | Tensor) -> np.ndarray | Tensor:
-    """Score ``code * SCORE_MAX / 65535`` as float32 (numpy or torch, like the input)."""
+    """Score of 16-bit codes as float32 (numpy or torch, like the input), from the shared table."""
     if isinstance(code, Tensor):
-        return code.float() * float(SCORE_STEP)
-    return np.asarray(code).astype(np.float32) * SCORE_STEP
+        return _DECODE_TORCH.to(code.device)[code.long()]
+    return _DECODE[np.asarray(code).astype(np.int64)]
 
 
 def score_to_confidence(score: np.ndarray | Tensor) -> np.ndarray | Tensor:
@@ -123,14 +141,14 @@ class ConfidenceHistogram:
     """Per-class histograms of the confidence score of the pixels predicted as each class (DMT §3 curriculum).
 
     Scores are ``s = -log(1 - p)`` (module docstring); ranking by s is ranking by confidence p.
-    ``counts[c, b]`` = pixels with argmax c and score in bin b = ``[edges[b], edges[b+1])`` where
-    ``edges[b] = b · float32(SCORE_MAX / (bins - 1))`` (float32); the last bin holds s >= SCORE_MAX.
-    Binning compares against the same float32 edges :meth:`thresholds` returns, so "s >= t_c" selects
-    exactly whole bins.
+    ``counts[c, b]`` = pixels with argmax c and score in bin b = ``[edges[b], edges[b+1])`` where edges are
+    the decoded scores of codes evenly spaced over 0..65535 (float32; with the default ``bins = 65536``,
+    exactly the store's decoding table); the last bin holds s >= SCORE_MAX. Binning compares against the
+    same float32 edges :meth:`thresholds` returns, so "s >= t_c" selects exactly whole bins.
 
-    The default ``bins = 65536`` gives every stored 16-bit code its own bin: thresholds are then the exact
-    order statistics of the stored scores. Coarser bins bound the threshold error by one bin width
-    (``SCORE_MAX / (bins - 1)`` in s, at most as much in p). Memory: C × bins int64 (10 MB for 19 classes).
+    The default bins give every stored 16-bit code its own bin: thresholds are then the exact order
+    statistics of the stored scores. Coarser bins bound the threshold error by one bin. Memory: C × bins
+    int64 (10 MB for 19 classes).
     """
 
     def __init__(self, num_classes: int, bins: int = CODE_MAX + 1) -> None:
@@ -139,8 +157,8 @@ class ConfidenceHistogram:
         self.num_classes = num_classes
         self.bins = bins
         self.counts = torch.zeros(num_classes, bins, dtype=torch.int64)
-        self.width = float(np.float32(SCORE_MAX / (bins - 1)))
-        self.edges = torch.arange(bins, dtype=torch.float32) * self.width
+        codes = np.arange(bins, dtype=np.float64) * (CODE_MAX / (bins - 1))
+        self.edges = torch.from_numpy(_DECODE.copy() if bins == CODE_MAX + 1 else _code_to_score(codes))
         self._inner_edges: dict[torch.device, Tensor] = {}
 
     def update(self, labels: Tensor, score: Tensor) -> None:
@@ -189,7 +207,7 @@ class ConfidenceHistogram:
 
         * kept_c = #(s >= t_c) satisfies ``k_c <= kept_c < k_c + counts[c, b]``: never fewer than the
           requested fraction, more by less than the mass of one bin;
-        * the exact order statistic (k_c-th largest score) lies in ``[t_c, t_c + width)``; with the
+        * the exact order statistic (k_c-th largest score) lies in ``[t_c, next edge)``; with the
           default bins and stored (quantised) scores it equals t_c, and kept_c exceeds k_c only by pixels
           tied with it. In confidence units the threshold is ``score_to_confidence(t_c)``.
 
@@ -334,8 +352,7 @@ class PseudoLabelStore:
                 raise ValueError(f"{name}: labels must lie in 0..255")
             label_np = label_np.astype(np.uint8)
         if conf_np.dtype != np.uint16:
-            code = np.rint(confidence_to_score(conf_np).astype(np.float64) / float(SCORE_STEP))
-            conf_np = code.astype(np.uint16)
+            conf_np = _encode(confidence_to_score(conf_np))
         if not self._manifest_dropped:
             self.manifest_path.unlink(missing_ok=True)
             self._manifest_dropped = True
