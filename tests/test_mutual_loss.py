@@ -64,21 +64,53 @@ def test_tie_with_stored_confidence_keeps_gamma2_branch():
     assert math.isclose(loss.item(), p[1] ** G2 * -math.log(p[1]), rel_tol=1e-12)
 
 
-def test_normalised_by_all_non_ignored_pixels_of_the_batch():
+def _mixed_batch():
     # Sample 0 ground truth (2 valid pixels, 2 ignored), sample 1 pseudo (4 valid): denominator 6.
     torch.manual_seed(0)
     logits = torch.randn(2, 4, 2, 2, dtype=torch.float64)
     labels = torch.randint(0, 4, (2, 2, 2))
     labels[0, 0] = 255
     conf = torch.rand(2, 2, 2, dtype=torch.float64)
-    loss = dynamic_mutual_loss(logits, labels, conf, torch.tensor([False, True]), 0.0, 0.0)
-    # gamma = 0: weights are 1 except where the current model wins (weight 0).
+    return logits, labels, conf
+
+
+def test_normalised_by_all_non_ignored_pixels_of_the_batch():
+    # gamma1 = 0, gamma2 = 2: agreeing pixels weigh 1, current-model-wins pixels 0, the others p_y^2.
+    logits, labels, conf = _mixed_batch()
+    loss = dynamic_mutual_loss(logits, labels, conf, torch.tensor([False, True]), 0.0, 2.0)
     p = logits.softmax(1)
     p_max, pred = p.max(1)
-    wins = (pred[1] != labels[1]) & (p_max[1] > conf[1])
+    p_y = p.gather(1, labels.clamp(max=3).unsqueeze(1)).squeeze(1)
+    disagree = pred[1] != labels[1]
+    wins = disagree & (p_max[1] > conf[1])
+    assert wins.any() and (disagree & ~wins).any()  # the case hits every branch
+    w = torch.where(wins, 0.0, torch.where(disagree, p_y[1] ** 2, 1.0))
     ce = F.cross_entropy(logits, labels, ignore_index=255, reduction="none")
-    expected = (ce[0].sum() + ce[1][~wins].sum()) / 6
+    expected = (ce[0].sum() + (w * ce[1]).sum()) / 6
     assert torch.allclose(loss, expected)
+
+
+def test_both_gammas_zero_is_plain_cross_entropy():
+    # DMT's "without dynamic weighting": no pixel is skipped, also not where the current model wins.
+    logits, labels, conf = _mixed_batch()
+    is_pseudo = torch.tensor([False, True])
+    p_max, pred = logits.softmax(1).max(1)
+    assert ((pred[1] != labels[1]) & (p_max[1] > conf[1])).any()  # there is a current-wins pixel
+    loss, stats = dynamic_mutual_loss_with_stats(logits, labels, conf, is_pseudo, 0.0, 0.0)
+    assert torch.allclose(loss, F.cross_entropy(logits, labels, ignore_index=255))
+    assert stats["mean_weight"].item() == 1.0
+    assert stats["current_wins_rate"].item() > 0  # still reported as a diagnostic
+
+
+def test_only_both_zero_is_special():
+    # gamma1 = 0 alone keeps the rule: the current-wins pixel 1 of the hand case weighs 0.
+    logits, labels, conf = _case()
+    p = [_softmax(c) for c in COLUMNS]
+    ce = [-math.log(p[i][LABELS[i]]) for i in range(3)]
+    loss = dynamic_mutual_loss(logits, labels, conf, torch.tensor([True]), 0.0, G2)
+    assert math.isclose(loss.item(), (ce[0] + p[2][1] ** G2 * ce[2]) / 3, rel_tol=1e-12)
+    plain = dynamic_mutual_loss(logits, labels, conf, torch.tensor([True]), 0.0, 0.0)
+    assert math.isclose(plain.item(), sum(ce) / 3, rel_tol=1e-12)
 
 
 def test_ignored_pixels_contribute_nothing():

@@ -11,6 +11,11 @@ stored confidence q (B's softmax probability of y when B made the label) and A's
 Ground-truth pixels have w = 1, ignored pixels (255) w = 0. The weights are constants (no gradient):
 
     loss = sum_pixels w * CE(logits, y) / #(non-ignored pixels in the batch)
+
+gamma1 = gamma2 = 0 switches the dynamic weighting off entirely, as the public DMT code does: every
+non-ignored pixel gets w = 1, also where the current model "wins" (plain cross-entropy on the pseudo labels,
+DMT's ablation "without dynamic weighting"). Only both exponents at 0 are special: gamma1 = 0 with
+gamma2 > 0 keeps the rule (w = 1 on agreement, 0 where the current model wins).
 """
 
 from __future__ import annotations
@@ -51,9 +56,12 @@ def _pixel_weights(
         p_y = probs.gather(1, safe.unsqueeze(1)).squeeze(1)
         disagree = pred != safe
         current_wins = disagree & (p_max > confidence.to(dtype))
-        w_agree = p_y.pow(gamma1)
-        w_other = p_y.pow(gamma2)
-        w_pseudo = torch.where(disagree, torch.where(current_wins, torch.zeros_like(p_y), w_other), w_agree)
+        if gamma1 == 0 and gamma2 == 0:  # no dynamic weighting (DMT's ablation): plain CE
+            w_pseudo = torch.ones_like(p_y)
+        else:
+            w_agree = p_y.pow(gamma1)
+            w_other = p_y.pow(gamma2)
+            w_pseudo = torch.where(disagree, torch.where(current_wins, torch.zeros_like(p_y), w_other), w_agree)
         pseudo = valid & is_pseudo.to(device=labels.device, dtype=torch.bool).view(-1, 1, 1)
         weight = torch.where(pseudo, w_pseudo, valid.float())
     return weight, valid, pseudo, disagree & pseudo, current_wins & pseudo
@@ -81,8 +89,9 @@ def dynamic_mutual_loss_with_stats(
     Returns:
         ``(loss, stats)``. ``loss = Σ w·CE / #valid`` (see the module docstring for w); with no valid pixel
         it is an exact zero that still depends on ``logits`` (backward works, gradient 0). ``stats`` holds
-        ``disagree_rate`` (argmax != y), ``current_wins_rate`` (w = 0) and ``mean_weight``, each over the
-        valid pseudo-labeled pixels, 0 when there are none; computed without host synchronisation.
+        ``disagree_rate`` (argmax != y), ``current_wins_rate`` (disagreement and the current max probability
+        above q: w = 0 unless gamma1 = gamma2 = 0) and ``mean_weight``, each over the valid pseudo-labeled
+        pixels, 0 when there are none; computed without host synchronisation.
     """
     weight, valid, pseudo, disagree, current_wins = _pixel_weights(
         logits, labels, confidence, is_pseudo, gamma1, gamma2, ignore_index
@@ -113,7 +122,8 @@ def dynamic_mutual_loss(
 
     Pseudo-labeled pixels: ``w = p_y^gamma1`` if the current argmax equals y; ``0`` if it differs and the
     current max probability exceeds the other model's stored confidence q; ``p_y^gamma2`` otherwise.
-    Ground-truth samples (``is_pseudo`` False) have w = 1; w carries no gradient. See
+    Ground-truth samples (``is_pseudo`` False) have w = 1; w carries no gradient. ``gamma1 = gamma2 = 0``:
+    w = 1 everywhere (plain cross-entropy, no pixel skipped: the public DMT code's behaviour). See
     :func:`dynamic_mutual_loss_with_stats` for the arguments.
     """
     return dynamic_mutual_loss_with_stats(
