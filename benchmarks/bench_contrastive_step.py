@@ -314,7 +314,7 @@ def run_breakdown(stage: str, args: argparse.Namespace, per_stage: dict[str, Any
         logits = model.classifier(backbone)
         features = model.projection(backbone)
     backbone.requires_grad_(True)  # the head's backward also computes its input's gradient, as in a step
-    logits_up = upsample_to(logits, labels.shape[-2:])
+    logits_up = upsample_to(model, logits, labels.shape[-2:])
     leaf = features.detach().requires_grad_(True)
 
     def head() -> None:

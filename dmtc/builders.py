@@ -413,7 +413,10 @@ def build_model(cfg: DictConfig, init: str | None = None) -> Any:
       resnet101 only, unless a COCO DeepLab-v2 file of another backbone is configured explicitly
       (``backbone.weight_files.coco``, e.g. a small converted file in tests).
 
-    The model's inputs must follow the same init: :func:`input_normalization` with the same ``init``.
+    The model's inputs must follow the same init: :func:`input_normalization` with the same ``init``, which
+    the model records in ``model.inputs`` (saved in dmtc checkpoints). ``model.head_init`` and
+    ``model.align_corners`` pick the head's initialisation and the logits' upsampling (the released
+    DMT/DMTC model: ``aspp_dilations=[6,12]``, ``pytorch``, ``true``: the defaults of ``dataset=city|voc``).
     """
     init = _check_init(str(cfg.backbone.get("init", "none")) if init is None else str(init))
     name = str(cfg.backbone.name)
@@ -430,11 +433,14 @@ def build_model(cfg: DictConfig, init: str | None = None) -> Any:
         pretrained=path if init == "imagenet" else None,
         projection_dim=cfg.model.get("projection_dim"),  # DMTC projection head (configs/method/dmtc.yaml)
         projection_hidden=int(cfg.model.get("projection_hidden") or 256),
+        head_init=str(cfg.model.get("head_init") or "normal"),
+        align_corners=bool(cfg.model.get("align_corners", False)),
     )
     if init == "coco":
         from dmtc.models.checkpoints import load_coco_init
 
         load_coco_init(model, path)
+    model.inputs = {"init": init, **input_normalization(cfg, init)}  # stored in checkpoints
     return model
 
 

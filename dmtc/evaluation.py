@@ -40,7 +40,7 @@ from dmtc.errors import DMTCError
 from dmtc.export import PredictionWriter
 from dmtc.inference import predict_probs
 from dmtc.metrics import make_miou_metric, summarize
-from dmtc.models import load_dmt_checkpoint
+from dmtc.models import load_dmt_checkpoint, model_align_corners, upsample_logits
 from dmtc.results import format_table, write_json
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                     size = tuple(int(s) for s in batch["size"][i])
                     p = probs[i : i + 1]
                     if tuple(p.shape[-2:]) != size:  # dmt protocol: back to the original image size
-                        p = torch.nn.functional.interpolate(p, size=size, mode="bilinear", align_corners=False)
+                        p = upsample_logits(p, size, align_corners=model_align_corners(model))
                     writer.write(name, p[0].argmax(0).cpu().numpy())
     summary = summarize(metric.confmat.detach().cpu(), list(cfg.dataset.class_names))
     results = {

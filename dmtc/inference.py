@@ -7,6 +7,8 @@ Used by :mod:`dmtc.evaluation`. The protocols it serves (DMT §4.1; the Cityscap
   the padding cropped off the upsampled prediction (= labels padded with 255). Single scale, no flip.
 * Full resolution (``eval.protocol=full``): the original images (Cityscapes 1024×2048), logits upsampled
   bilinearly to the label size.
+* Logits (and averaged probabilities) are upsampled with the model's ``align_corners``
+  (:func:`dmtc.models.upsample_logits`); input images are rescaled plainly (bilinear, align_corners=False).
 * Optional test-time augmentation: ``flip`` averages the softmax of the image and of its mirror (mirrored
   back); ``scales`` runs the image resized by each factor (bilinear) and averages the softmax after
   upsampling each to the target size.
@@ -19,6 +21,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dmtc.models.deeplab import model_align_corners, upsample_logits
 
 
 def pad_bottom_right(images: torch.Tensor, size: Sequence[int] | None, value: float = 0.0) -> torch.Tensor:
@@ -58,6 +62,7 @@ def predict_probs(
     """
     if not scales:
         raise ValueError("scales must hold at least one factor")
+    corners = model_align_corners(model)
     height, width = images.shape[-2:]
     padded = pad_bottom_right(images, pad_to)
     target = tuple(padded.shape[-2:])
@@ -70,7 +75,7 @@ def predict_probs(
             x = F.interpolate(padded, size=size, mode="bilinear", align_corners=False)
         for mirrored in (False, True) if flip else (False,):
             inp = x.flip(-1) if mirrored else x
-            logits = F.interpolate(_logits(model, inp).float(), size=target, mode="bilinear", align_corners=False)
+            logits = upsample_logits(_logits(model, inp).float(), target, align_corners=corners)
             probs = logits.softmax(1)
             if mirrored:
                 probs = probs.flip(-1)
@@ -78,5 +83,5 @@ def predict_probs(
             passes += 1
     probs = total[..., :height, :width] / passes
     if out_size is not None and tuple(int(s) for s in out_size) != (height, width):
-        probs = F.interpolate(probs, size=tuple(int(s) for s in out_size), mode="bilinear", align_corners=False)
+        probs = upsample_logits(probs, out_size, align_corners=corners)
     return probs

@@ -22,6 +22,7 @@ from dmtc.losses.mutual import dynamic_mutual_loss_with_stats
 from dmtc.losses.reco import downsample_nearest, reco_loss
 from dmtc.memory_bank import ClassMemoryBank, select_pixels
 from dmtc.metrics import IGNORE_INDEX, make_miou_metric, summarize
+from dmtc.models.deeplab import model_align_corners, upsample_logits
 
 ENSEMBLE = "ens"
 
@@ -33,11 +34,10 @@ def poly_factor(step: int, total_steps: int, power: float = 0.9) -> float:
     return max(0.0, 1.0 - step / total_steps) ** power
 
 
-def upsample_to(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bilinear upsampling of stride-8 logits to label resolution (align_corners=False)."""
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+def upsample_to(model: nn.Module, logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear upsampling of ``model``'s stride-8 logits to label resolution, with the model's
+    ``align_corners`` (:func:`dmtc.models.upsample_logits`: the one place that decides it)."""
+    return upsample_logits(logits, size, align_corners=model_align_corners(model))
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ class SegmentationModule(L.LightningModule):
             if total is None:
                 total = images.new_zeros(())
             out = model(images)
-            logits = upsample_to(out["logits"], labels.shape[-2:])
+            logits = upsample_to(model, out["logits"], labels.shape[-2:])
             loss = F.cross_entropy(logits, labels, ignore_index=self.ignore_index)
             self.log(f"train/{key}/loss", loss, prog_bar=True, batch_size=images.shape[0])
             total = total + loss
@@ -184,7 +184,8 @@ class SegmentationModule(L.LightningModule):
         images, labels = batch["image"], batch["label"]
         probs_sum = None
         for key, model in self.models.items():
-            probs = upsample_to(model(self.model_input(key, images))["logits"], labels.shape[-2:]).float().softmax(1)
+            logits = model(self.model_input(key, images))["logits"]
+            probs = upsample_to(model, logits, labels.shape[-2:]).float().softmax(1)
             self.val_metrics[key].update(probs.argmax(1), labels)
             probs_sum = probs if probs_sum is None else probs_sum + probs
         if ENSEMBLE in self.val_metrics:
@@ -313,7 +314,7 @@ class MutualTrainingModule(SegmentationModule):
             probs_small = out["logits"].detach().float().softmax(1)
             labels_k, valid_k, probs_k = downsample_nearest(labels, valid, probs_small, features.shape[-2:])
         else:  # DMTC's crop-resolution variant
-            features = F.interpolate(features, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            features = upsample_to(self.models[key], features, labels.shape[-2:])
             labels_k, valid_k, probs_k = labels, valid, logits.detach().float().softmax(1)
         valid_k = valid_k & (labels_k != self.ignore_index)
         labels_k = torch.where(valid_k, labels_k, 0)
@@ -360,7 +361,7 @@ class MutualTrainingModule(SegmentationModule):
             labels = torch.cat([lab["label"], unl[f"label_{other}"]])
             confidence = torch.cat([ones, unl[f"conf_{other}"].float()])
             out = self.models[key](self.model_input(key, images))
-            logits = upsample_to(out["logits"], labels.shape[-2:])
+            logits = upsample_to(self.models[key], out["logits"], labels.shape[-2:])
             loss, stats = dynamic_mutual_loss_with_stats(
                 logits, labels, confidence, is_pseudo, self.gamma1, self.gamma2, self.ignore_index
             )

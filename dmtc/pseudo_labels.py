@@ -43,10 +43,10 @@ import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dmtc.errors import DMTCError
+from dmtc.models.deeplab import model_align_corners, upsample_logits
 
 __all__ = [
     "CODE_MAX",
@@ -498,10 +498,10 @@ def predict_to_store(
 
     ``loader`` yields ``{"image": N×3×H×W normalised float, "name": list[str], "size": N×2 (H, W)}``
     (``size`` optional: images padded at the bottom/right are cropped back to it). ``model(image)``
-    must return ``{"logits": N×C×h×w}`` (any stride); logits are upsampled bilinearly
-    (``align_corners=False``) to H×W, then label = argmax and score = ``-log(1 - max softmax)``
-    (:func:`confidence_score`). The score is quantised to the stored 16-bit code before it enters the
-    histogram, so thresholds agree exactly with what
+    must return ``{"logits": N×C×h×w}`` (any stride); logits are upsampled bilinearly to H×W with the
+    model's ``align_corners`` (:func:`dmtc.models.upsample_logits`), then label = argmax and
+    score = ``-log(1 - max softmax)`` (:func:`confidence_score`). The score is quantised to the stored
+    16-bit code before it enters the histogram, so thresholds agree exactly with what
     :meth:`PseudoLabelStore.load` returns. Only the images the loader yields are written (each DDP rank
     its own shard); the caller all-reduces the histogram and finalizes the store. The model's
     train/eval mode is restored. Returns the names written.
@@ -518,7 +518,7 @@ def predict_to_store(
             height, width = images.shape[-2:]
             if logits.shape[1] > 255:
                 raise ValueError(f"{logits.shape[1]} classes do not fit the uint8 label PNGs (max 255)")
-            logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
+            logits = upsample_logits(logits.float(), (height, width), align_corners=model_align_corners(model))
             label, score = confidence_score(logits, dim=1)
             code, score = quantize_score(score)
             sizes = batch.get("size")

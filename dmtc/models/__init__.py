@@ -2,12 +2,13 @@
 
 from dmtc.models.backbones import BACKBONES, PRETRAINED_URLS, ResNetBackbone, build_backbone, load_pretrained
 from dmtc.models.checkpoints import LoadReport, load_dmt_checkpoint
-from dmtc.models.deeplab import ASPPv2, DeepLabV2, deeplab_v2
+from dmtc.models.deeplab import HEAD_INITS, ASPPv2, DeepLabV2, deeplab_v2, model_align_corners, upsample_logits
 
 __all__ = [
     "ASPPv2",
     "BACKBONES",
     "DeepLabV2",
+    "HEAD_INITS",
     "LoadReport",
     "PRETRAINED_URLS",
     "ResNetBackbone",
@@ -15,4 +16,6 @@ __all__ = [
     "deeplab_v2",
     "load_dmt_checkpoint",
     "load_pretrained",
+    "model_align_corners",
+    "upsample_logits",
 ]

@@ -1,0 +1,104 @@
+"""The reference protocol by default on city/voc (issue: fidelity): the released DMT/DMTC model (d6 + d12,
+PyTorch's default head init), logits upsampled with align_corners=True in training, labeling and
+evaluation, from one place."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dmtc.builders import build_model
+from dmtc.inference import predict_probs
+from dmtc.models import deeplab_v2, upsample_logits
+from dmtc.module import SegmentationModule
+
+
+@pytest.mark.parametrize("dataset, dilations, head_init, corners", [
+    ("city", (6, 12), "pytorch", True),
+    ("voc", (6, 12), "pytorch", True),
+    (None, (6, 12, 18, 24), "normal", False),  # synthetic: DeepLab's head, our upsampling
+])
+def test_protocol_selects_the_model(compose_cfg, dataset, dilations, head_init, corners):
+    overrides = [f"dataset={dataset}", "debug=smoke"] if dataset else []
+    cfg = compose_cfg("train", overrides)
+    model = build_model(cfg)
+    assert model.aspp_dilations == dilations and len(model.classifier.convs) == len(dilations)
+    assert model.head_init == head_init and model.align_corners is corners
+
+
+def test_overrides_select_the_other_side(compose_cfg):
+    cfg = compose_cfg("train", ["dataset=city", "debug=smoke", "model.aspp_dilations=[6,12,18,24]",
+                                "model.head_init=normal", "model.align_corners=false"])
+    model = build_model(cfg)
+    assert model.aspp_dilations == (6, 12, 18, 24) and model.head_init == "normal" and not model.align_corners
+
+
+def test_head_init_normal_vs_pytorch_default():
+    torch.manual_seed(0)
+    normal = deeplab_v2(19, backbone="resnet_tiny", aspp_dilations=(6, 12))
+    pytorch = deeplab_v2(19, backbone="resnet_tiny", aspp_dilations=(6, 12), head_init="pytorch")
+    for conv in normal.classifier.convs:
+        assert torch.all(conv.bias == 0) and abs(float(conv.weight.std()) - 0.01) < 0.002
+    fan_in = pytorch.classifier.convs[0].weight[0].numel()
+    bound = 1 / fan_in**0.5  # nn.Conv2d's default: kaiming_uniform(a=sqrt(5)) -> U(-1/sqrt(fan_in), ...)
+    for conv in pytorch.classifier.convs:
+        assert conv.bias.abs().max() <= bound and conv.bias.abs().max() > 0
+        assert conv.weight.abs().max() <= bound and float(conv.weight.std()) > 0.5 * bound / 3**0.5
+    # the Python API keeps its defaults: DeepLab's 4 branches, N(0, 0.01), align_corners False
+    default = deeplab_v2(5, backbone="resnet_tiny")
+    assert default.aspp_dilations == (6, 12, 18, 24) and default.head_init == "normal" and not default.align_corners
+
+
+def _logits(model, x):
+    return model(x)["logits"]
+
+
+@pytest.mark.parametrize("corners", [True, False])
+def test_every_path_upsamples_as_the_model_says(corners):
+    torch.manual_seed(0)
+    model = deeplab_v2(4, backbone="resnet_tiny", aspp_dilations=(6, 12), align_corners=corners).eval()
+    images = torch.randn(2, 3, 41, 49)
+    labels = torch.randint(0, 4, (2, 41, 49))
+    with torch.no_grad():
+        small = _logits(model, images)
+    expected = F.interpolate(small, size=(41, 49), mode="bilinear", align_corners=corners)
+    other = F.interpolate(small, size=(41, 49), mode="bilinear", align_corners=not corners)
+    assert not torch.allclose(expected, other, atol=1e-4)
+    assert torch.equal(upsample_logits(small, (41, 49), align_corners=corners), expected)
+    # evaluation
+    probs = predict_probs(model, images, (41, 49))
+    assert torch.allclose(probs, expected.softmax(1), atol=1e-6)
+    # validation inside training: the module's confusion matrix is that of the expected argmax
+    module = SegmentationModule({"a": model}, num_classes=4, class_names=list("abcd"), lr=0.01)
+    module.eval()
+    with torch.no_grad():
+        module.validation_step({"image": images, "label": labels}, 0)
+    confmat = module.val_metrics["a"].confmat
+    ref = torch.bincount(labels.flatten() * 4 + expected.argmax(1).flatten(), minlength=16).view(4, 4)
+    assert torch.equal(confmat.cpu(), ref)
+
+
+@pytest.mark.parametrize("corners", [True, False])
+def test_training_and_labeling_upsample_as_the_model_says(tmp_path, corners):
+    from dmtc.pseudo_labels import ConfidenceHistogram, PseudoLabelStore, predict_to_store
+
+    torch.manual_seed(1)
+    model = deeplab_v2(4, backbone="resnet_tiny", aspp_dilations=(6, 12), align_corners=corners)
+    images = torch.randn(2, 3, 41, 49)
+    labels = torch.randint(0, 4, (2, 41, 49))
+    model.eval()  # fixed BN statistics: the same logits in both calls
+    with torch.no_grad():
+        small = _logits(model, images)
+    up = F.interpolate(small, size=(41, 49), mode="bilinear", align_corners=corners)
+    module = SegmentationModule({"a": model}, num_classes=4, class_names=list("abcd"), lr=0.01)
+    with torch.no_grad():
+        loss = module.training_step({"image": images, "label": labels}, 0)
+    assert torch.allclose(loss, F.cross_entropy(up, labels), atol=1e-6)
+    assert not torch.allclose(loss, F.cross_entropy(
+        F.interpolate(small, size=(41, 49), mode="bilinear", align_corners=not corners), labels), atol=1e-6)
+    store = PseudoLabelStore(tmp_path / "store")
+    batch = {"image": images, "name": ["x", "y"]}
+    predict_to_store(model, [batch], store, ConfidenceHistogram(4), "cpu")
+    label_x, _ = store.load("x")
+    assert (torch.from_numpy(label_x.astype("int64")) == up[0].argmax(0)).float().mean() > 0.999
