@@ -3,10 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-__all__ = ["last_checkpoint_callback"]
+__all__ = ["ValidateAtEnd", "last_checkpoint_callback"]
+
+
+class ValidateAtEnd(Callback):
+    """Validate after the last training step too, as the reference DMT code does.
+
+    The reference validates every ``val_num_steps`` steps *and* after the final step of each training
+    (``current_step_num == epochs · len(loader) - 1``), so the fully decayed poly-schedule model competes for
+    "best checkpoint". Lightning validates only every ``val_check_interval`` steps; when the last step is not
+    on that grid this callback asks the loop to stop at it (``trainer.should_stop``, Lightning's public early
+    stopping signal, which runs one validation before the loop ends). Training ends there anyway.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # noqa: D102
+        total = trainer.estimated_stepping_batches
+        if total != float("inf") and trainer.global_step >= int(total):
+            trainer.should_stop = True
 
 
 def last_checkpoint_callback(dirpath: str | Path) -> ModelCheckpoint:

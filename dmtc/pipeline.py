@@ -337,8 +337,11 @@ def _fit_phase(ctx: _Context, phase: Phase, step_offset: int, pseudo: dict[str, 
         module = MutualTrainingModule(ctx.models, stage="mutual", gamma1=p.gamma1, gamma2=p.gamma2,
                                       step_offset=step_offset, contrastive=contrastive, stacked_inputs=ctx.stacked,
                                       **_optim_kwargs(cfg, p.lr))
+        # validation every val_check_interval steps counted from the phase start (across epochs, as the
+        # reference's global step counter), or once per epoch (null); the last step always (ValidateAtEnd)
+        every = p.get("val_check_interval")
         overrides = {"max_epochs": int(p.epochs), "max_steps": int(p.max_steps), "num_sanity_val_steps": 0,
-                     "val_check_interval": p.val_check_interval, "check_val_every_n_epoch": 1}
+                     "val_check_interval": every, "check_val_every_n_epoch": None if every else 1}
     trainer = build_trainer(cfg, loggers=ctx.loggers, exclude_callbacks=("model_checkpoint", "last_checkpoint"),
                             extra_callbacks=list(callbacks.values()), default_root_dir=str(phase_dir), **overrides)
     last = phase_dir / "checkpoints" / "last.ckpt"

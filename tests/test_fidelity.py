@@ -102,3 +102,41 @@ def test_training_and_labeling_upsample_as_the_model_says(tmp_path, corners):
     predict_to_store(model, [batch], store, ConfidenceHistogram(4), "cpu")
     label_x, _ = store.load("x")
     assert (torch.from_numpy(label_x.astype("int64")) == up[0].argmax(0)).float().mean() > 0.999
+
+
+@pytest.mark.parametrize("dataset, split, warmup_every, phase_every", [
+    ("city", "8", 350, 300), ("city", "30", 100, 300), ("city", "4", 500, 300),
+    ("voc", "20", 220, 500), ("voc", "106", 100, 500), ("voc", "8", 350, 500), ("voc", "50", 140, 500),
+    ("voc", "sbd", 350, 500),
+])
+def test_validation_intervals_of_dmts_scripts(dataset, split, warmup_every, phase_every):
+    # DST-CBC's fs_*_all.sh / dmt-*.sh: --val-num-steps of the warm-up; phases 300 (City) or main.py's 500
+    from conftest import CONFIGS
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=[f"dataset={dataset}", f"split={split}", "method=dmt"])
+    assert cfg.trainer.val_check_interval == warmup_every and cfg.trainer.check_val_every_n_epoch is None
+    assert cfg.method.phase.val_check_interval == phase_every
+
+
+def test_phase_validates_every_n_steps_and_after_the_last(compose_cfg):
+    import csv
+    import json
+
+    from dmtc.training import train
+
+    # 35 unlabeled images, 6 per batch: 5 batches per epoch, 2 epochs = 10 steps; every 4 steps + the last
+    cfg = compose_cfg("train", ["method=dmt", "method.ratios=[0.5]", "method.phase.epochs=2",
+                                "method.phase.val_check_interval=4", "trainer.limit_train_batches=null"])
+    results = train(cfg)
+    phase = results["phases"][1]
+    assert phase["steps"] == 10
+    run = cfg.paths.output_dir
+    with open(f"{run}/csv/metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/a/miou")]
+    start = json.load(open(f"{run}/phase1_r0.5/done.json"))["step_start"]
+    steps = sorted({int(r["step"]) - start for r in rows if int(r["step"]) > start})
+    # Lightning logs a validation inside fit at global_step - 1: steps 4 and 8, then the last step (10, off
+    # the grid), then the phase's re-validation of its best checkpoints at its end
+    assert steps == [3, 7, 9, 10], steps

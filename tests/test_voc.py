@@ -114,22 +114,23 @@ def test_schedules_follow_split_and_stay_overridable(compose_cfg, voc_root):
     assert (cfg.trainer.max_epochs, cfg.optim.lr, cfg.trainer.val_check_interval) == (134, 0.002, 220)
     assert cfg.dataset.batch_size == 8 and cfg.trainer.check_val_every_n_epoch is None
     assert OmegaConf.to_container(cfg.dataset.schedule.dmt_phase) == {
-        "epochs": 4, "lr": 0.001, "gamma1": 5, "gamma2": 5, "labeled_batch": 1, "pseudo_batch": 7}
+        "epochs": 4, "lr": 0.001, "gamma1": 5, "gamma2": 5, "labeled_batch": 1, "pseudo_batch": 7,
+        "val_every_steps": 500}
     cfg = composed("split=106")
     assert cfg.dataset.schedule.epochs == 300 and cfg.dataset.schedule.models.b.labeled == "106-r"
     cfg = composed("split=2")  # unpublished: the documented default
-    assert cfg.dataset.schedule.epochs == 134 and cfg.dataset.schedule.val_every_steps == 1000
+    assert cfg.dataset.schedule.epochs == 134 and cfg.dataset.schedule.val_every_steps == 500
     cfg = composed("split=20", "optim.lr=0.01", "dataset.schedules.20.dmt_phase.gamma1=2")
     assert cfg.optim.lr == 0.01 and cfg.dataset.schedule.dmt_phase.gamma1 == 2
 
 
 def test_city_schedules(compose_cfg, tmp_path):
     root = tmp_path / "cityscapes"
-    for split, epochs in (("8", 170), ("30", 330), ("4", 120), ("20", 170)):
+    for split, epochs, every in (("8", 170, 350), ("30", 330, 100), ("4", 120, 500), ("20", 170, 350)):
         cfg = compose_cfg(overrides=["dataset=city", f"dataset.root={root}", "~debug", f"split={split}"])
         assert cfg.dataset.schedule.epochs == epochs and cfg.optim.lr == 0.004
         assert cfg.dataset.schedule.dmt_phase.gamma1 == 3 and cfg.dataset.schedule.dmt_phase.pseudo_batch == 6
-        assert cfg.trainer.max_epochs == epochs and cfg.trainer.val_check_interval == 350
+        assert cfg.trainer.max_epochs == epochs and cfg.trainer.val_check_interval == every
     cfg = compose_cfg(overrides=["dataset=city", f"dataset.root={root}", "~debug", "split=30", "trainer.max_epochs=7"])
     assert cfg.trainer.max_epochs == 7 and cfg.dataset.batch_size == 8
 
