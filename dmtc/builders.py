@@ -315,14 +315,16 @@ def validate_split(cfg: DictConfig, layout: DatasetLayout, split: Split) -> None
 
 
 def build_datamodule(
-    cfg: DictConfig, *, check_files: bool = True, input_norms: Sequence[Mapping[str, Any]] | None = None
+    cfg: DictConfig, *, check_files: bool = True,
+    input_norms: Sequence[Mapping[str, Any]] | Mapping[str, Mapping[str, Any]] | None = None,
 ) -> tuple[SegmentationDataModule, Split]:
     """Datamodule for the labeled split and validation set; validates the data on disk first (fast: names
     are checked, a sample of labels decoded), so a bad dataset fails before any training starts.
 
     ``input_norms``: the input pipeline of each model trained on these batches (default: the config's
-    own, :func:`input_normalization`); when they differ (a DMT pair from two inits) images carry one
-    normalised block per model (:class:`StackedModelInput`)."""
+    own, :func:`input_normalization`); when they differ (a DMT pair from two inits) shared batches carry one
+    normalised block per model (:class:`StackedModelInput`). Given as ``{key: norm}``, each model also gets
+    its own training transform for per-model streams (``SegmentationDataModule.model_train_transforms``)."""
     prepare_dataset(cfg)
     layout = build_layout(cfg)
     ds = cfg.dataset
@@ -333,11 +335,19 @@ def build_datamodule(
     split = resolve_split(cfg, layout)
     if check_files:
         validate_split(cfg, layout, split)
-    norms = [dict(n) for n in input_norms] if input_norms else [input_normalization(cfg)]
+    keyed = dict(input_norms) if isinstance(input_norms, Mapping) else None
+    if keyed is not None:
+        norms = [dict(n) for n in keyed.values()]
+    else:
+        norms = [dict(n) for n in input_norms] if input_norms else [input_normalization(cfg)]
     base_size = list(ds.base_size) if ds.get("base_size") else None
-    train_tf = stack_model_inputs(build_train_transform(
-        crop_size=list(ds.crop_size), scale_range=list(ds.scale_range), base_size=base_size, flip=ds.flip,
-        **norms[0]), norms)
+
+    def train_transform(norm: Mapping[str, Any]) -> v2.Compose:
+        return build_train_transform(crop_size=list(ds.crop_size), scale_range=list(ds.scale_range),
+                                     base_size=base_size, flip=ds.flip, **dict(norm))
+
+    train_tf = stack_model_inputs(train_transform(norms[0]), norms)
+    model_tfs = {key: train_transform(norm) for key, norm in keyed.items()} if keyed else None
     eval_base = list(ds.eval_size) if ds.get("eval_size") else None
     eval_tf = stack_model_inputs(build_eval_transform(base_size=eval_base, **norms[0]), norms)
     val_layout = layout
@@ -355,6 +365,7 @@ def build_datamodule(
         train_subset=ds.train_subset,
         val_subset=ds.val_subset,
         val_layout=val_layout,
+        model_train_transforms=model_tfs,
     )
     return datamodule, split
 

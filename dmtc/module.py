@@ -135,9 +135,10 @@ class SegmentationModule(L.LightningModule):
         return next(iter(self.models))
 
     def model_input(self, key: str, images: torch.Tensor) -> torch.Tensor:
-        """Model ``key``'s view of a batch: ``images`` as they are, or with ``stacked_inputs`` its own
-        3-channel block (channels ``3i:3i+3`` for the i-th model)."""
-        if not self.stacked_inputs:
+        """Model ``key``'s view of a batch: ``images`` as they are (3 channels: a shared batch of models with
+        one input pipeline, or a per-model batch made with the model's own), or with ``stacked_inputs`` and
+        3·(number of models) channels its own 3-channel block (channels ``3i:3i+3`` for the i-th model)."""
+        if not self.stacked_inputs or images.shape[1] == 3:
             return images
         expected = 3 * len(self.models)
         if images.shape[1] != expected:
@@ -229,12 +230,15 @@ class MutualTrainingModule(SegmentationModule):
     ``stage="warmup"`` (phase 0): both models learn the labeled batch with cross-entropy; with
     ``{"a": batch, "b": batch}`` each learns its own (``pair_init=subsets``: A on the ``-l`` and B on the
     ``-r`` difference-maximized subset, DMT §4.3).
-    ``stage="mutual"`` (phases 1..K): a batch is ``{"labeled": {image, label}, "unlabeled": {image,
-    label_a, conf_a, label_b, conf_b}}`` where ``label_x``/``conf_x`` are model x's stored pseudo labels
-    (thresholded at load time by the class-balanced curriculum) and confidences. Labeled and unlabeled
-    images are concatenated once and each model runs once; A's targets are the ground truth plus **B's**
-    pseudo labels (weighted by B's stored confidence in the dynamic mutual loss), B's the ground truth plus
-    **A's**. The two losses are summed for one backward, so one optimizer step (with per-model poly
+    ``stage="mutual"`` (phases 1..K): a batch is one stream shared by both models, ``{"labeled": {image,
+    label}, "unlabeled": {image, label_a, conf_a, label_b, conf_b}}``, or each model its own,
+    ``{"a": stream_a, "b": stream_b}`` (``method.streams=independent``: as the reference's two processes,
+    A and B see their own orders, crops and flips; A's unlabeled items need only ``label_b``/``conf_b``),
+    where ``label_x``/``conf_x`` are model x's stored pseudo labels (thresholded at load time by the
+    class-balanced curriculum) and confidences. A stream's labeled and unlabeled images are concatenated
+    once and each model runs once; A's targets are the ground truth plus **B's** pseudo labels (weighted by
+    B's stored confidence in the dynamic mutual loss), B's the ground truth plus **A's**. The two losses
+    are summed for one backward, so one optimizer step (with per-model poly
     schedules in the param groups) advances ``global_step`` by one per batch.
 
     Loss statistics (disagreement rate, current-model-wins rate, mean weight) are logged as tensors:
@@ -348,32 +352,50 @@ class MutualTrainingModule(SegmentationModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:  # noqa: D102
         if self.stage == "warmup":  # cross-entropy on the labeled batch (+ DMTC's term with gt labels)
             return super().training_step(batch, batch_idx)
-        lab, unl = batch["labeled"], batch["unlabeled"]
-        n_lab, n_unl = lab["image"].shape[0], unl["image"].shape[0]
-        images = torch.cat([lab["image"], unl["image"]])
-        is_pseudo = torch.cat([
-            torch.zeros(n_lab, dtype=torch.bool, device=images.device),
-            torch.ones(n_unl, dtype=torch.bool, device=images.device),
-        ])
-        ones = torch.ones_like(lab["label"], dtype=torch.float32)
-        total = images.new_zeros(())
+        # one stream shared by both models ({"labeled", "unlabeled"}) or each model its own ({key: stream})
+        streams = {key: batch for key in self.models} if "labeled" in batch else batch
+        if set(streams) != set(self.models):
+            raise ValueError(f"a per-model phase batch needs one stream per model {sorted(self.models)}, "
+                             f"got {sorted(streams)}")
+        joined: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        total = None
         for key, other in (("a", "b"), ("b", "a")):
-            labels = torch.cat([lab["label"], unl[f"label_{other}"]])
-            confidence = torch.cat([ones, unl[f"conf_{other}"].float()])
-            out = self.models[key](self.model_input(key, images))
-            logits = upsample_to(self.models[key], out["logits"], labels.shape[-2:])
-            loss, stats = dynamic_mutual_loss_with_stats(
-                logits, labels, confidence, is_pseudo, self.gamma1, self.gamma2, self.ignore_index
-            )
-            bs = images.shape[0]
-            self.log(f"train/{key}/loss", loss, prog_bar=True, batch_size=bs)
-            for name, value in stats.items():
-                self.log(f"train/{key}/{name}", value, batch_size=bs)
-            total = total + loss
-            if self.contrastive is not None:
-                # Pseudo-labeled pixels take part if their source (the other model) was confident enough.
-                pixel_pseudo = is_pseudo.view(-1, 1, 1)
-                valid = (labels != self.ignore_index) & (
-                    ~pixel_pseudo | (confidence > self.contrastive.weak_threshold))
-                total = total + self.auxiliary_loss(key, out, logits, labels, valid)
+            stream = streams[key]
+            if id(stream) not in joined:  # a shared stream is concatenated once
+                joined[id(stream)] = _join_labeled_unlabeled(stream["labeled"]["image"], stream["unlabeled"]["image"])
+            images, is_pseudo = joined[id(stream)]
+            loss = self._mutual_loss(key, other, images, is_pseudo, stream["labeled"], stream["unlabeled"])
+            total = loss if total is None else total + loss
         return total
+
+    def _mutual_loss(self, key: str, other: str, images: torch.Tensor, is_pseudo: torch.Tensor,
+                     lab: Mapping[str, torch.Tensor], unl: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Model ``key``'s loss on labeled + unlabeled images whose pseudo labels come from model ``other``:
+        the dynamic mutual loss (+ DMTC's contrastive term with the same targets)."""
+        labels = torch.cat([lab["label"], unl[f"label_{other}"]])
+        ones = torch.ones_like(lab["label"], dtype=torch.float32)
+        confidence = torch.cat([ones, unl[f"conf_{other}"].float()])
+        out = self.models[key](self.model_input(key, images))
+        logits = upsample_to(self.models[key], out["logits"], labels.shape[-2:])
+        loss, stats = dynamic_mutual_loss_with_stats(
+            logits, labels, confidence, is_pseudo, self.gamma1, self.gamma2, self.ignore_index
+        )
+        bs = images.shape[0]
+        self.log(f"train/{key}/loss", loss, prog_bar=True, batch_size=bs)
+        for name, value in stats.items():
+            self.log(f"train/{key}/{name}", value, batch_size=bs)
+        if self.contrastive is not None:
+            # Pseudo-labeled pixels take part if their source (the other model) was confident enough.
+            pixel_pseudo = is_pseudo.view(-1, 1, 1)
+            valid = (labels != self.ignore_index) & (
+                ~pixel_pseudo | (confidence > self.contrastive.weak_threshold))
+            loss = loss + self.auxiliary_loss(key, out, logits, labels, valid)
+        return loss
+
+
+def _join_labeled_unlabeled(labeled: torch.Tensor, unlabeled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labeled then unlabeled images in one batch (one forward per model), and which rows are pseudo-labeled."""
+    images = torch.cat([labeled, unlabeled])
+    is_pseudo = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
+    is_pseudo[labeled.shape[0]:] = True
+    return images, is_pseudo

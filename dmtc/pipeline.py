@@ -37,6 +37,7 @@ import copy
 import json
 import logging
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ from dmtc.builders import (
     stacks_inputs,
 )
 from dmtc.callbacks import last_checkpoint_callback
-from dmtc.data.pseudo import PseudoLabeledDataset, build_phase_loader
+from dmtc.data.pseudo import PseudoLabeledDataset, build_pair_phase_loader, build_phase_loader
 from dmtc.data.splits import DMS_SPLITS, parse_split
 from dmtc.data.transforms import build_eval_transform
 from dmtc.errors import DMTCError
@@ -221,6 +222,31 @@ def warmup_lists(cfg: DictConfig, spec: PairSpec, split: Split) -> dict[str, lis
     return lists
 
 
+STREAMS = ("independent", "shared")
+
+
+def stream_mode(cfg: DictConfig) -> str:
+    """``method.streams``: ``independent`` (each model its own shuffled, augmented stream of the split, in
+    warm-up and phases, as the reference's two training processes) or ``shared`` (both models on the same
+    batches). ``pair_init=subsets`` warms up on per-model lists in either mode."""
+    mode = str(cfg.method.get("streams") or "independent")
+    if mode not in STREAMS:
+        raise DMTCError(f"method.streams={mode!r}: choose independent (each model its own data stream, the "
+                        "reference's two processes) or shared (both models on the same batches)")
+    return mode
+
+
+def stream_order(names: list[str], cfg: DictConfig, key: str) -> list[str]:
+    """``names`` in a fixed order of model ``key``'s own (seeded by the run's seed and the key).
+
+    Single-process loaders reshuffle anyway; under DDP Lightning gives every loader a DistributedSampler
+    with the same seed, which would deal both models the same images per step: over two differently
+    ordered lists the same permutation picks different images."""
+    order = list(names)
+    random.Random(f"{int(cfg.seed)}/{key}").shuffle(order)
+    return order
+
+
 def _rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0 and (
         not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
@@ -307,7 +333,8 @@ class _Context:
         #: each model's input pipeline (its init's); batches stack one block per model when they differ
         self.norms = {k: input_normalization(cfg, init=pair.inits[k]) for k in PAIR}
         self.stacked = stacks_inputs([self.norms[k] for k in PAIR])
-        self.datamodule, self.split = build_datamodule(cfg, input_norms=[self.norms[k] for k in PAIR])
+        self.streams = stream_mode(cfg)
+        self.datamodule, self.split = build_datamodule(cfg, input_norms=self.norms)
         if not self.split.unlabeled:
             raise DMTCError(f"split={cfg.split} labels every training image: DMT needs unlabeled images "
                             "(use split=8, 20, ... or method=supervised)")
@@ -315,7 +342,10 @@ class _Context:
         self.layout = self.datamodule.layout
         self.layout.check_files(ds.train_subset, self.split.unlabeled, labels=False)
         self.warmup = warmup_lists(cfg, pair, self.split)
-        self.datamodule.set_model_labeled(self.warmup)  # warm-up only; phases use the whole split
+        if self.warmup is not None:  # subsets: each model its own list (warm-up only; phases use the split)
+            self.datamodule.set_model_labeled(self.warmup)
+        elif self.streams == "independent":  # each model its own order, crops and flips of the split
+            self.datamodule.set_model_labeled({k: stream_order(self.split.labeled, cfg, k) for k in PAIR})
         self.models = build_pair(cfg, pair)
         self.loggers = build_loggers(cfg)
 
@@ -412,18 +442,33 @@ def _label_phase(ctx: _Context, phase: Phase, prev: dict[str, Any]) -> tuple[dic
     log.info("%s: pseudo labels ready in %.1fs (kept A %.1f%%, B %.1f%% of pixels)", phase.name,
              time.perf_counter() - start, 100 * summaries["a"]["kept_fraction"], 100 * summaries["b"]["kept_fraction"])
 
-    # the warm-up's training transform (one normalised block per model when their inits differ)
-    unlabeled = PseudoLabeledDataset(ctx.layout, ds.train_subset, ctx.split.unlabeled, stores, thresholds,
-                                     ctx.datamodule.train_transform)
-    labeled = ctx.datamodule.train_dataset()  # the run's whole labeled split, in every pair_init mode
     p = cfg.method.phase
+    sizes = {"labeled_batch_size": int(p.labeled_batch_size), "unlabeled_batch_size": int(p.unlabeled_batch_size),
+             "num_workers": int(ds.num_workers)}
+    if ctx.streams == "shared":
+        # the warm-up's training transform (one normalised block per model when their inits differ)
+        unlabeled = PseudoLabeledDataset(ctx.layout, ds.train_subset, ctx.split.unlabeled, stores, thresholds,
+                                         ctx.datamodule.train_transform)
+        labeled = ctx.datamodule.train_dataset()  # the run's whole labeled split, in every pair_init mode
 
-    def make_loader(world_size: int) -> Any:
-        return build_phase_loader(labeled, unlabeled, labeled_batch_size=int(p.labeled_batch_size),
-                                  unlabeled_batch_size=int(p.unlabeled_batch_size),
-                                  num_workers=int(ds.num_workers), world_size=world_size)
+        def make_loader(world_size: int) -> Any:
+            return build_phase_loader(labeled, unlabeled, world_size=world_size, **sizes)
 
-    return summaries, make_loader
+        return summaries, make_loader
+    # independent: model k reads the whole labeled split and the unlabeled images with the other model's
+    # labels (its targets), in its own order and augmentation, through its own input pipeline
+    streams = {}
+    for key, other in (("a", "b"), ("b", "a")):
+        transform = ctx.datamodule.model_train_transforms[key]
+        labeled_k = ctx.datamodule.train_dataset(stream_order(ctx.split.labeled, cfg, key), key)
+        unlabeled_k = PseudoLabeledDataset(ctx.layout, ds.train_subset, stream_order(ctx.split.unlabeled, cfg, key),
+                                           {other: stores[other]}, {other: thresholds[other]}, transform)
+        streams[key] = (labeled_k, unlabeled_k)
+
+    def make_pair_loader(world_size: int) -> Any:
+        return build_pair_phase_loader(streams, world_size=world_size, **sizes)
+
+    return summaries, make_pair_loader
 
 
 def _final_results(cfg: DictConfig, ctx: _Context, records: list[dict[str, Any]], wall: float) -> dict[str, Any]:

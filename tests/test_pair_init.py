@@ -80,15 +80,23 @@ class NameProbe(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         if pl_module.stage == "mutual":
-            loaders = trainer.train_dataloader
-            labeled = getattr(loaders, "iterables", loaders)["labeled"].dataset  # RepeatedDataset of the split
-            SEEN["phase_sets"].append(list(labeled.dataset.names))
+            loaders = getattr(trainer.train_dataloader, "iterables", trainer.train_dataloader)
+            streams = [loaders] if "labeled" in loaders else [loaders[k] for k in ("a", "b")]
+            for stream in streams:  # RepeatedDataset of the split
+                SEEN["phase_sets"].append(sorted(stream["labeled"].dataset.dataset.names))
+                SEEN.setdefault("phase_unlabeled", []).append(sorted(stream["unlabeled"].dataset.names))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
         if pl_module.stage == "warmup":
-            SEEN["warmup"].append({k: list(batch[k]["name"]) for k in ("a", "b")})
+            per_model = "image" not in batch
+            SEEN["warmup"].append({k: list((batch[k] if per_model else batch)["name"]) for k in ("a", "b")})
         else:
-            SEEN["phase_labeled"].extend(batch["labeled"]["name"])
+            streams = {"a": batch, "b": batch} if "labeled" in batch else batch
+            SEEN.setdefault("phase_batches", []).append({k: (list(streams[k]["labeled"]["name"]),
+                                                             list(streams[k]["unlabeled"]["name"]),
+                                                             sorted(streams[k]["unlabeled"]))
+                                                         for k in ("a", "b")})
+            SEEN["phase_labeled"].extend(streams["a"]["labeled"]["name"])
 
 
 def _raw_rgb(images: torch.Tensor, norm: dict) -> torch.Tensor:
@@ -206,12 +214,15 @@ def _hung_coco_file(path: Path, num_classes: int = 10) -> dict[str, torch.Tensor
     return {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
 
 
-def test_inits_pair_starts_from_two_inits_with_their_own_inputs(compose_cfg, tmp_path):
+@pytest.mark.parametrize("streams", ["shared", "independent"])
+def test_inits_pair_starts_from_two_inits_with_their_own_inputs(compose_cfg, tmp_path, streams):
     """pair_init=inits: A from a COCO file (Caffe inputs: BGR 0–255 minus the mean), B random (ImageNet
-    inputs); warm-up, labeling and a phase run end to end, each model always fed its own normalisation."""
+    inputs); warm-up, labeling and a phase run end to end, each model always fed its own normalisation.
+    Shared streams: a step's two inputs are one crop under the two pipelines; independent: two crops."""
     path = tmp_path / "w" / "tiny_coco.pth"
     coco = _hung_coco_file(path)
-    cfg = compose_cfg(overrides=[*DMT, *SMALL, "method.pair_init=inits", "method.models.a.init=coco",
+    cfg = compose_cfg(overrides=[*DMT, *SMALL, f"method.streams={streams}", "method.pair_init=inits",
+                                 "method.models.a.init=coco",
                                  "method.models.b.init=none", f"+backbone.weight_files.coco={path}",
                                  "+callbacks.probe._target_=test_pair_init.InputProbe"])
     _reset()
@@ -230,10 +241,12 @@ def test_inits_pair_starts_from_two_inits_with_their_own_inputs(compose_cfg, tmp
     for _, key, channels, absmax in SEEN["inputs"]:
         assert channels == 3
         assert absmax > 20 if key == "a" else absmax < 3
-    # ... and the two inputs of a step are the same image under the two pipelines
+    # ... and the two inputs of a step are the same image under the two pipelines (shared streams; always
+    # in labeling), or two different crops (independent streams)
     for where in ("fit:warmup", "outside", "fit:mutual"):
         a, b = SEEN["first"][(where, "a")], SEEN["first"][(where, "b")]
-        assert torch.allclose(_raw_rgb(a, CAFFE), _raw_rgb(b, IMAGENET), atol=1e-3), where
+        same = a.shape == b.shape and torch.allclose(_raw_rgb(a, CAFFE), _raw_rgb(b, IMAGENET), atol=1e-3)
+        assert same == (streams == "shared" or where == "outside"), where
     run = Path(results["output_dir"])
     assert json.loads((run / "phase1_r1" / "done.json").read_text())["pseudo"]["a"]["num_images"] == 21
 
@@ -256,7 +269,8 @@ def test_subsets_warm_up_on_their_own_lists_then_the_whole_split(compose_cfg):
     seen_b = [n for batch in SEEN["warmup"] for n in batch["b"]]
     assert sorted(seen_a) == sorted(left) and sorted(seen_b) == sorted(right)  # batch 2: the whole list
     assert len(SEEN["warmup"]) == results["phases"][0]["steps"] == 1  # global_step counts pairs of batches
-    assert SEEN["phase_sets"] == [labeled]  # the phase: the run's whole labeled split (DMT's scripts)
+    assert SEEN["phase_sets"] == [sorted(labeled)] * 2  # the phase: the run's whole labeled split (DMT's
+    # scripts), one stream per model
     assert set(SEEN["phase_labeled"]) <= set(labeled) and len(SEEN["phase_labeled"]) == 3 * 2  # 21 // 6 batches
 
 
@@ -269,3 +283,31 @@ def test_seeds_pair_is_unchanged(compose_cfg):
         ref = deeplab_v2(10, backbone="resnet_tiny")
         assert all(torch.equal(v, ref.state_dict()[k]) for k, v in models[key].state_dict().items())
     assert not stacks_inputs([IMAGENET, INIT_INPUTS["none"]])
+
+
+@pytest.mark.parametrize("streams", ["independent", "shared"])
+def test_each_model_its_own_stream(compose_cfg, streams):
+    """method.streams=independent (the default): A and B see the same split in their own orders (warm-up
+    and phases), and A's unlabeled batches carry only B's pseudo labels, B's only A's; shared: one batch."""
+    cfg = compose_cfg(overrides=["method=dmt", "method.ratios=[1.0]", "method.phase.epochs=1",
+                                 "dataset.generate.spec.num_train=40", "trainer.limit_train_batches=null",
+                                 f"method.streams={streams}", "+callbacks.probe._target_=test_pair_init.NameProbe"])
+    assert cfg.method.streams == streams
+    _reset()
+    results = train(cfg)
+    assert results["phases"][0]["steps"] == 2 and results["phases"][1]["steps"] == 5  # 5 // 2; 35 // 6
+    warm_a = [n for b in SEEN["warmup"] for n in b["a"]]
+    warm_b = [n for b in SEEN["warmup"] for n in b["b"]]
+    batches = SEEN["phase_batches"]
+    unl_a = [n for b in batches for n in b["a"][1]]
+    unl_b = [n for b in batches for n in b["b"][1]]
+    assert len(set(unl_a)) == len(unl_a) == 30 and len(set(unl_b)) == 30  # each: one pass (drop_last)
+    if streams == "independent":
+        assert warm_a != warm_b and len(set(warm_a) | set(warm_b)) <= results["num_labeled"] == 5
+        assert unl_a != unl_b
+        assert all(b["a"][2] == ["conf_b", "image", "label_b", "name"] for b in batches)
+        assert all(b["b"][2] == ["conf_a", "image", "label_a", "name"] for b in batches)
+        assert SEEN["phase_unlabeled"][0] == SEEN["phase_unlabeled"][1]  # the same unlabeled set
+    else:
+        assert warm_a == warm_b and unl_a == unl_b
+        assert all(b["a"][2] == ["conf_a", "conf_b", "image", "label_a", "label_b", "name"] for b in batches)

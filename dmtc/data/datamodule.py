@@ -22,12 +22,15 @@ class SegmentationDataModule(L.LightningDataModule):
     (BatchNorm cannot train on a batch of one). Validation uses ``val_batch_size`` (1 when image sizes
     differ). Under DDP Lightning gives each loader a DistributedSampler.
 
-    ``model_labeled`` (``{key: names}``, optional) gives each model of a pair its own labeled list for
+    ``model_labeled`` (``{key: names}``, optional) gives each model of a pair its own labeled stream for
     training: DMT's warm-up with ``pair_init=subsets`` (Feng et al., Pattern Recognition 2022, §4.3), A on
-    the difference-maximized ``-l`` subset and B on ``-r``. :meth:`train_dataloader` then returns a
-    ``CombinedLoader({key: loader}, mode="min_size")`` whose batches are ``{key: batch}`` (one optimizer
-    step each); a shorter list is repeated (and reshuffled as a whole) to the longest one's length rather
-    than cycled. :meth:`train_dataset` stays the run's whole labeled split (what DMT's phases use).
+    the difference-maximized ``-l`` subset and B on ``-r``; or the same split for both, each model shuffled
+    and augmented on its own (``method.streams=independent``, as the reference trains A and B in two
+    processes). :meth:`train_dataloader` then returns a ``CombinedLoader({key: loader}, mode="min_size")``
+    whose batches are ``{key: batch}`` (one optimizer step each); a shorter list is repeated (and reshuffled
+    as a whole) to the longest one's length rather than cycled. Model k's batches go through
+    ``model_train_transforms[k]`` (its own input pipeline) when given. :meth:`train_dataset` stays the run's
+    whole labeled split with the shared transform (what DMT's phases use with shared streams).
     """
 
     def __init__(
@@ -46,6 +49,7 @@ class SegmentationDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         val_layout: DatasetLayout | None = None,
         model_labeled: Mapping[str, Sequence[str]] | None = None,
+        model_train_transforms: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.layout = layout
@@ -58,6 +62,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.train_subset, self.val_subset = train_subset, val_subset
         self.persistent_workers = persistent_workers and self.num_workers > 0
         self.model_labeled: dict[str, list[str]] | None = None
+        self.model_train_transforms = dict(model_train_transforms or {})
         if model_labeled:
             self.set_model_labeled(model_labeled)
 
@@ -67,10 +72,12 @@ class SegmentationDataModule(L.LightningDataModule):
             raise ValueError(f"every model needs at least one labeled image: {sorted(model_labeled)}")
         self.model_labeled = {k: list(v) for k, v in model_labeled.items()} if model_labeled else None
 
-    def train_dataset(self, names: Sequence[str] | None = None) -> SegmentationDataset:
-        """Labeled training images (``names``, default the split's labeled list) with the training transform."""
+    def train_dataset(self, names: Sequence[str] | None = None, key: str | None = None) -> SegmentationDataset:
+        """Labeled training images (``names``, default the split's labeled list) with the training transform
+        (model ``key``'s own when it has one, else the shared one)."""
         names = self.labeled if names is None else list(names)
-        return SegmentationDataset(self.layout, self.train_subset, names, self.train_transform)
+        transform = self.model_train_transforms.get(key, self.train_transform) if key else self.train_transform
+        return SegmentationDataset(self.layout, self.train_subset, names, transform)
 
     def val_dataset(self) -> SegmentationDataset:
         """Validation images with the evaluation transform."""
@@ -90,7 +97,7 @@ class SegmentationDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader | CombinedLoader:  # noqa: D102
         if not self.model_labeled:
             return self._loader(self.train_dataset(), self.batch_size, train=True)
-        datasets = {key: self.train_dataset(names) for key, names in self.model_labeled.items()}
+        datasets = {key: self.train_dataset(names, key) for key, names in self.model_labeled.items()}
         length = max(len(d) for d in datasets.values())
         loaders = {
             key: self._loader(d if len(d) == length else RepeatedDataset(d, length), self.batch_size, train=True)

@@ -8,7 +8,8 @@ The four maps (``label_a, conf_a, label_b, conf_b``) travel through
 the same joint v2 transform as the image, wrapped as ``tv_tensors.Mask`` (nearest resizing, crops padded
 with 255), so every geometric augmentation moves them together.
 
-Batches: a phase batch is ``{"labeled": ..., "unlabeled": ...}`` from Lightning's ``CombinedLoader``.
+Batches: a phase batch is ``{"labeled": ..., "unlabeled": ...}`` from Lightning's ``CombinedLoader`` (one
+stream shared by both models), or ``{"a": {"labeled", "unlabeled"}, "b": {...}}`` (each model its own).
 An epoch is one pass over the unlabeled set; the labeled list is repeated (and reshuffled as a whole) to
 the same number of batches instead of cycling a shorter loader, whose shuffle order would repeat within
 the epoch (DESIGN §4).
@@ -17,7 +18,7 @@ the epoch (DESIGN §4).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ from dmtc.data.datasets import SegmentationDataset, read_image
 from dmtc.data.layouts import DatasetLayout
 from dmtc.pseudo_labels import PseudoLabelStore, apply_thresholds, decode_score, score_to_confidence
 
-__all__ = ["PseudoLabeledDataset", "RepeatedDataset", "build_phase_loader"]
+__all__ = ["PseudoLabeledDataset", "RepeatedDataset", "build_pair_phase_loader", "build_phase_loader"]
 
 
 class PseudoLabeledDataset(Dataset):
@@ -94,7 +95,7 @@ class RepeatedDataset(Dataset):
     whole repetitions, so every item appears ⌊length/n⌋ or ⌈length/n⌉ times per epoch."""
 
     def __init__(self, dataset: Dataset, length: int) -> None:
-        if len(dataset) == 0:  # type: ignore[arg-type]
+        if len(dataset) == 0:
             raise ValueError("cannot repeat an empty dataset")
         self.dataset, self.length = dataset, int(length)
 
@@ -102,7 +103,34 @@ class RepeatedDataset(Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> Any:
-        return self.dataset[index % len(self.dataset)]  # type: ignore[arg-type]
+        return self.dataset[index % len(self.dataset)]
+
+
+def phase_loaders(
+    labeled: Dataset,
+    unlabeled: Dataset,
+    *,
+    labeled_batch_size: int,
+    unlabeled_batch_size: int,
+    num_workers: int = 0,
+    world_size: int = 1,
+) -> dict[str, DataLoader]:
+    """``{"labeled", "unlabeled"}`` DataLoaders of one DMT phase stream, of equal length: one epoch = one pass
+    over the unlabeled set (per device: ``len(unlabeled) // (world_size · unlabeled_batch_size)`` batches),
+    labeled images repeated to fill as many labeled batches. The lengths are chosen before Lightning's
+    DistributedSampler shards them, so every shard has the same number of batches."""
+    if len(unlabeled) < unlabeled_batch_size * world_size:
+        raise ValueError(f"{len(unlabeled)} unlabeled images cannot fill one batch of {unlabeled_batch_size} "
+                         f"on {world_size} device(s)")
+    batches = len(unlabeled) // (unlabeled_batch_size * world_size)
+    labeled_rep = RepeatedDataset(labeled, max(batches * labeled_batch_size * world_size, 1))
+    persistent = num_workers > 0
+    common = {"num_workers": num_workers, "persistent_workers": persistent, "pin_memory": torch.cuda.is_available(),
+              "drop_last": True, "shuffle": True}
+    return {
+        "labeled": DataLoader(labeled_rep, batch_size=labeled_batch_size, **common),
+        "unlabeled": DataLoader(unlabeled, batch_size=unlabeled_batch_size, **common),
+    }
 
 
 def build_phase_loader(
@@ -114,25 +142,30 @@ def build_phase_loader(
     num_workers: int = 0,
     world_size: int = 1,
 ) -> CombinedLoader:
-    """``CombinedLoader({"labeled", "unlabeled"}, mode="min_size")`` of equal length: one epoch = one pass
-    over the unlabeled set (per device: ``len(unlabeled) // (world_size · unlabeled_batch_size)``
-    batches), labeled images repeated to fill as many labeled batches.
+    """One stream shared by both models (``method.streams=shared``): ``CombinedLoader({"labeled",
+    "unlabeled"}, mode="min_size")`` of :func:`phase_loaders`; the unlabeled items carry both models'
+    pseudo labels."""
+    loaders = phase_loaders(labeled, unlabeled, labeled_batch_size=labeled_batch_size,
+                            unlabeled_batch_size=unlabeled_batch_size, num_workers=num_workers, world_size=world_size)
+    return CombinedLoader(loaders, mode="min_size")
 
-    Under DDP Lightning wraps both loaders in a DistributedSampler; the lengths are chosen before that
-    sharding so both shards have the same number of batches.
-    """
-    if len(unlabeled) < unlabeled_batch_size * world_size:
-        raise ValueError(f"{len(unlabeled)} unlabeled images cannot fill one batch of {unlabeled_batch_size} "
-                         f"on {world_size} device(s)")
-    batches = len(unlabeled) // (unlabeled_batch_size * world_size)
-    labeled_rep = RepeatedDataset(labeled, max(batches * labeled_batch_size * world_size, 1))
-    persistent = num_workers > 0
-    common = {"num_workers": num_workers, "persistent_workers": persistent, "pin_memory": torch.cuda.is_available(),
-              "drop_last": True, "shuffle": True}
-    loaders = {
-        "labeled": DataLoader(labeled_rep, batch_size=labeled_batch_size, **common),
-        "unlabeled": DataLoader(unlabeled, batch_size=unlabeled_batch_size, **common),
-    }
+
+def build_pair_phase_loader(
+    streams: Mapping[str, tuple[Dataset, Dataset]],
+    *,
+    labeled_batch_size: int,
+    unlabeled_batch_size: int,
+    num_workers: int = 0,
+    world_size: int = 1,
+) -> CombinedLoader:
+    """Each model its own stream (``method.streams=independent``, as the reference's two processes):
+    ``streams = {key: (labeled, unlabeled)}`` becomes ``CombinedLoader({key: {"labeled", "unlabeled"}},
+    mode="min_size")``: every model draws its own order, crops and flips of the same split; model k's
+    unlabeled items carry only the *other* model's pseudo labels (its targets)."""
+    loaders = {key: phase_loaders(lab, unl, labeled_batch_size=labeled_batch_size,
+                                  unlabeled_batch_size=unlabeled_batch_size, num_workers=num_workers,
+                                  world_size=world_size)
+               for key, (lab, unl) in streams.items()}
     return CombinedLoader(loaders, mode="min_size")
 
 
