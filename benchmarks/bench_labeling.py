@@ -15,7 +15,7 @@ weights: the cost does not depend on them) and the same image loader (synthetic 
 * **one pass (dmtc)** -- :func:`dmtc.pseudo_labels.predict_to_store` as the pipeline calls it
   (:func:`dmtc.labeling.label_images`): one forward pass per image writes the argmax label (uint8 PNG)
   and its confidence (16-bit PNG) to a :class:`~dmtc.pseudo_labels.PseudoLabelStore` and fills a
-  per-class :class:`~dmtc.pseudo_labels.ConfidenceHistogram`; the store is finalised (histogram.npy +
+  per-class :class:`~dmtc.pseudo_labels.ConfidenceHistogram`; the store is finalised (histogram.npz +
   manifest); thresholds for ``r`` come from the histogram; the training set applies them when it loads
   a map, so the read-back stage loads every entry once and calls
   :func:`~dmtc.pseudo_labels.apply_thresholds`.

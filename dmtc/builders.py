@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,11 @@ class Split:
     val: list[str]
     #: where each list came from ({"labeled": path or description, "unlabeled": ..., "val": ...})
     sources: dict[str, str] = field(default_factory=dict)
+    #: what results.json reports as the split: ``split`` (8, 20, 106-l, sbd, ...) or, with an unlabeled image
+    #: folder, ``<train subset>+<unlabeled subset>``
+    name: str = ""
+    #: the subset (folder) the unlabeled images live in: the training subset, or ``dataset.unlabeled_subset``
+    unlabeled_subset: str = ""
 
 
 def prepare_dataset(cfg: DictConfig) -> None:
@@ -86,8 +91,25 @@ def label_map_table(cfg: DictConfig) -> dict[int, int] | None:
     return {int(raw): int(tid) for raw, tid in OmegaConf.to_container(spec, resolve=True).items()}
 
 
+def check_classes(cfg: DictConfig) -> None:
+    """``dataset.num_classes`` and ``dataset.class_names`` agree (every per-class table and the mean need both)."""
+    ds = cfg.dataset
+    try:
+        num_classes = int(ds.num_classes)
+    except (TypeError, ValueError) as err:
+        raise DMTCError(f"dataset.num_classes={ds.num_classes!r} is not a number of classes") from err
+    names = list(ds.class_names)
+    if num_classes < 1 or len(names) != num_classes:
+        raise DMTCError(
+            f"dataset.num_classes={num_classes} but dataset.class_names has {len(names)} names ({names}): give one "
+            "name per class, e.g. dataset.num_classes=3 'dataset.class_names=[background,cat,dog]'"
+        )
+
+
 def build_layout(cfg: DictConfig) -> DatasetLayout:
-    """The dataset's on-disk layout from ``cfg.dataset`` (raw values outside ``label_map`` become 255)."""
+    """The dataset's on-disk layout from ``cfg.dataset`` (raw values outside ``label_map`` become 255); the
+    class settings are checked first (:func:`check_classes`)."""
+    check_classes(cfg)
     ds = cfg.dataset
     table = label_map_table(cfg)
     label_map = None
@@ -109,6 +131,10 @@ def _user_lists(cfg: DictConfig, layout: DatasetLayout, split: str, sid: int) ->
     name or its ratio, e.g. ``30_labeled_0.txt`` or ``29.75_labeled_0.txt``)."""
     user = cfg.dataset.get("split_lists") or {}
     if not user.get("labeled"):
+        if user.get("unlabeled"):
+            raise DMTCError(f"dataset.split_lists.unlabeled={user.unlabeled} is set but dataset.split_lists.labeled "
+                            "is not: give both lists (or put unlabeled images in the dataset's unlabeled folder, "
+                            "dataset.unlabeled_subset)")
         return None
     names = [split]
     try:
@@ -130,6 +156,61 @@ def _user_lists(cfg: DictConfig, layout: DatasetLayout, split: str, sid: int) ->
 
 
 def resolve_split(cfg: DictConfig, layout: DatasetLayout) -> Split:
+    """:func:`split_lists`, then ``dataset.unlabeled_max_images=N`` keeps N evenly spaced unlabeled images
+    (``debug=smoke``: a DMT phase labels a dozen images, not the whole split)."""
+    ds = cfg.dataset
+    split = unlabeled_folder_split(cfg, layout) or split_lists(cfg, layout)
+    split = replace(split, name=split.name or str(cfg.split),
+                    unlabeled_subset=split.unlabeled_subset or ds.train_subset)
+    limit = ds.get("unlabeled_max_images")
+    if limit and int(limit) < len(split.unlabeled):
+        count, names = int(limit), split.unlabeled
+        kept = [names[i * len(names) // count] for i in range(count)]
+        sources = {**split.sources, "unlabeled": f"{split.sources.get('unlabeled', 'the unlabeled list')} (evenly "
+                                                 f"spaced {count} of them: dataset.unlabeled_max_images)"}
+        split = replace(split, unlabeled=kept, sources=sources)
+    if not split.labeled:
+        ratio = f"split={cfg.split} of {len(split.labeled) + len(split.unlabeled)} training images"
+        raise DMTCError(f"{ratio} leaves no labeled image: use a smaller split ratio (split=2, 4, 8, ...) or "
+                        "add labeled images")
+    return split
+
+
+def unlabeled_folder_split(cfg: DictConfig, layout: DatasetLayout) -> Split | None:
+    """Your own data with unlabeled images that have no masks: when ``dataset.unlabeled_subset`` (folder
+    dataset: ``unlabeled``) exists on disk (``images/unlabeled/`` or ``lists/unlabeled.txt``), every image
+    of the training subset is labeled and the unlabeled subset's images are the unlabeled split (no label
+    files needed; pseudo-label quality is then not reported). ``split``/``sid`` are not used. None if there
+    is no such subset."""
+    ds = cfg.dataset
+    subset = ds.get("unlabeled_subset")
+    if not subset or not layout.has_subset(str(subset)):
+        return None
+    subset = str(subset)
+    labeled, unlabeled = sorted(layout.names(ds.train_subset)), layout.names(subset)
+    val = _val_names(cfg, layout)
+    log.info("dataset.unlabeled_subset=%s: %d labeled images (all of '%s') and %d unlabeled images of '%s' "
+             "(split/sid are not used; dataset.unlabeled_subset=null splits '%s' by split= instead)", subset,
+             len(labeled), ds.train_subset, len(unlabeled), subset, ds.train_subset)
+    sources = {"labeled": _list_source(layout, ds.train_subset), "unlabeled": _list_source(layout, subset),
+               "val": val[1]}
+    return Split(labeled, unlabeled, val[0], sources, name=f"{ds.train_subset}+{subset}", unlabeled_subset=subset)
+
+
+def _val_names(cfg: DictConfig, layout: DatasetLayout) -> tuple[list[str], str]:
+    """Validation names and where they came from; ``dataset.val_max_images`` keeps an evenly spaced subset."""
+    ds = cfg.dataset
+    val = layout.names(ds.val_subset)
+    val_source = _list_source(layout, ds.val_subset)
+    limit = ds.get("val_max_images")
+    if limit and int(limit) < len(val):
+        count = int(limit)
+        val = [val[i * len(val) // count] for i in range(count)]
+        val_source += f" (evenly spaced {count} of them: dataset.val_max_images)"
+    return val, val_source
+
+
+def split_lists(cfg: DictConfig, layout: DatasetLayout) -> Split:
     """Labeled/unlabeled/val names for ``split``/``sid`` following DMT's lists (DMT §4.1).
 
     * ``split=1`` labels every training image.
@@ -148,13 +229,7 @@ def resolve_split(cfg: DictConfig, layout: DatasetLayout) -> Split:
     ds = cfg.dataset
     split, sid = str(cfg.split), int(cfg.sid)
     base, side = parse_split(split)
-    val = layout.names(ds.val_subset)
-    val_source = _list_source(layout, ds.val_subset)
-    limit = ds.get("val_max_images")
-    if limit and int(limit) < len(val):
-        count = int(limit)
-        val = [val[i * len(val) // count] for i in range(count)]
-        val_source += f" (evenly spaced {count} of them: dataset.val_max_images)"
+    val, val_source = _val_names(cfg, layout)
     train_source = _list_source(layout, ds.train_subset)
     train_cache: list[list[str]] = []
 
@@ -308,7 +383,8 @@ def validate_split(cfg: DictConfig, layout: DatasetLayout, split: Split) -> None
     allowed = allowed_label_values(int(ds.num_classes), label_map_table(cfg))
     name_sets = [
         NameSet(ds.train_subset, split.labeled, split.sources.get("labeled", "the labeled list")),
-        NameSet(ds.train_subset, split.unlabeled, split.sources.get("unlabeled", "the unlabeled list"), labels=False),
+        NameSet(split.unlabeled_subset or ds.train_subset, split.unlabeled,
+                split.sources.get("unlabeled", "the unlabeled list"), labels=False),
         NameSet(ds.val_subset, split.val, split.sources.get("val", "the validation list")),
     ]
     validate_dataset(layout, name_sets, allowed, sample=int(ds.get("validate_samples", 8)))
@@ -382,7 +458,8 @@ def resized_layouts(cfg: DictConfig, layout: DatasetLayout, split: Split) -> tup
         raise DMTCError(f"dataset.resized_cache=true needs dataset.base_size (dataset={ds.name} has none): the "
                         "cache stores images at the training base size")
     size = [int(v) for v in ds.base_size]
-    names = {ds.train_subset: [*split.labeled, *split.unlabeled]}
+    names = {ds.train_subset: list(split.labeled)}
+    names.setdefault(split.unlabeled_subset or ds.train_subset, []).extend(split.unlabeled)
     same_eval = bool(ds.get("eval_size")) and [int(v) for v in ds.eval_size] == size
     if same_eval:
         names.setdefault(ds.val_subset, []).extend(split.val)
@@ -437,6 +514,15 @@ def build_model(cfg: DictConfig, init: str | None = None) -> Any:
             f"backbone={name} can use init=imagenet or none"
         )
     path = init_weights_path(cfg, init)
+    if init == "imagenet" and not Path(path).is_file():
+        from dmtc.models.backbones import PRETRAINED_URLS
+
+        url = PRETRAINED_URLS.get(name, "torchvision's ImageNet weights")
+        raise DMTCError(
+            f"backbone.init=imagenet needs the ImageNet weight file {path} (backbone.weights), which does not exist: "
+            f"download {url} there (or into paths.weights_dir), set backbone.weights=/path/to/file, or use "
+            "backbone.init=none for a random init"
+        )
     model = deeplab_v2(
         int(cfg.dataset.num_classes),
         backbone=name,
@@ -455,6 +541,24 @@ def build_model(cfg: DictConfig, init: str | None = None) -> Any:
     return model
 
 
+#: dataset keys that describe the training run's schedule, not the data: not carried into checkpoints
+_SCHEDULE_KEYS = ("schedule", "schedules")
+#: dataset keys holding paths: made absolute, so a checkpoint's settings work from any working directory
+_PATH_KEYS = ("root", "split_dir", "resized_cache_dir")
+
+
+def run_record(cfg: DictConfig) -> dict[str, Any]:
+    """What a checkpoint carries of its training run for evaluation and labeling (:mod:`dmtc.from_checkpoint`):
+    the resolved ``dataset`` settings (paths absolute, schedules dropped), ``split``, ``sid`` and the method."""
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    for key in _SCHEDULE_KEYS:
+        dataset.pop(key, None)
+    for key in _PATH_KEYS:
+        if dataset.get(key):
+            dataset[key] = str(Path(dataset[key]).expanduser().absolute())
+    return {"dataset": dataset, "split": str(cfg.split), "sid": int(cfg.sid), "method": str(cfg.method.name)}
+
+
 def build_module(cfg: DictConfig, models: dict[str, Any]) -> SegmentationModule:
     """LightningModule holding ``models`` with the optimisation settings of ``cfg.optim``."""
     return SegmentationModule(
@@ -466,6 +570,7 @@ def build_module(cfg: DictConfig, models: dict[str, Any]) -> SegmentationModule:
         weight_decay=cfg.optim.weight_decay,
         poly_power=cfg.optim.poly_power,
         head_lr_mult=cfg.optim.head_lr_mult,
+        run_record=run_record(cfg),
     )
 
 

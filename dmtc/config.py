@@ -26,6 +26,19 @@ def run_name(override_dirname: str) -> str:
     return name or "default"
 
 
+def checkpoint_folder(ckpt: Any) -> str:
+    """Run-folder prefix of an evaluation/labeling run: ``<checkpoint file stem>-<hash of its absolute
+    path>/`` (empty without a checkpoint), so evaluating two checkpoints with the same overrides never shares
+    (and overwrites) one ``results.json``, while rerunning one command finds its own folder again."""
+    if ckpt is None or str(ckpt) in ("", "???"):
+        return ""
+    from pathlib import Path
+
+    path = Path(str(ckpt)).expanduser().absolute()
+    stem = re.sub(r"[^A-Za-z0-9._+-]+", "_", path.stem)[:60] or "ckpt"
+    return f"{stem}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}/"
+
+
 def synthetic_dir(seed: int, spec: Any) -> str:
     """Folder name of a generated synthetic dataset: ``seed<seed>`` for the default spec, else
     ``seed<seed>-<hash of the spec>``.
@@ -54,6 +67,8 @@ def register_resolvers() -> None:
     """Register dmtc's resolvers (idempotent)."""
     if not OmegaConf.has_resolver("dmtc_run_name"):
         OmegaConf.register_new_resolver("dmtc_run_name", run_name)
+    if not OmegaConf.has_resolver("dmtc_checkpoint_folder"):
+        OmegaConf.register_new_resolver("dmtc_checkpoint_folder", checkpoint_folder)
     if not OmegaConf.has_resolver("dmtc_synthetic_dir"):
         OmegaConf.register_new_resolver("dmtc_synthetic_dir", synthetic_dir)
 

@@ -16,9 +16,10 @@ Protocols (``eval.protocol``):
 label ids for ``csEvalPixelLevelSemanticLabeling`` (which scores them exactly as ``protocol=full`` does),
 palette PNGs otherwise.
 
-The model is built randomly initialised and filled from ``ckpt``; its input pipeline follows
-``backbone.init`` (the init it was trained from: set ``backbone.init=coco`` for a COCO-initialised model).
-Evaluation runs on one device (no sampler padding), in a plain loop.
+The model is rebuilt from ``ckpt`` (:mod:`dmtc.from_checkpoint`): a dmtc checkpoint brings its architecture,
+input pipeline and dataset settings; a DMT/DMTC release file is the released two-branch model (set
+``backbone.init=coco`` for a COCO-initialised one: the file does not say). Evaluation runs on one device
+(no sampler padding), in a plain loop.
 """
 
 from __future__ import annotations
@@ -33,14 +34,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from dmtc.builders import build_layout, build_model, input_normalization, prepare_dataset
+from dmtc.builders import build_layout, input_normalization, prepare_dataset
 from dmtc.data.datasets import SegmentationDataset
 from dmtc.data.transforms import build_eval_transform
 from dmtc.errors import DMTCError
 from dmtc.export import PredictionWriter
+from dmtc.from_checkpoint import restore
 from dmtc.inference import predict_probs
 from dmtc.metrics import make_miou_metric, summarize
-from dmtc.models import load_dmt_checkpoint, model_align_corners, upsample_logits
+from dmtc.models import model_align_corners, upsample_logits
 from dmtc.results import format_table, write_json
 
 log = logging.getLogger(__name__)
@@ -72,14 +74,16 @@ def eval_settings(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def build_val_loader(cfg: DictConfig, resize: list[int] | None = None) -> DataLoader:
-    """DataLoader over the dataset's validation images, resized to ``resize`` (labels nearest) if given."""
+def build_val_loader(cfg: DictConfig, resize: list[int] | None = None,
+                     inputs: dict[str, Any] | None = None) -> DataLoader:
+    """DataLoader over the dataset's validation images, resized to ``resize`` (labels nearest) if given,
+    normalised as ``inputs`` says (default: the config's ``backbone.init`` pipeline)."""
     prepare_dataset(cfg)
     layout = build_layout(cfg)
     ds = cfg.dataset
     names = layout.names(ds.val_subset)
     layout.check_files(ds.val_subset, names)
-    transform = build_eval_transform(base_size=resize, **input_normalization(cfg))
+    transform = build_eval_transform(base_size=resize, **(inputs or input_normalization(cfg)))
     dataset = SegmentationDataset(layout, ds.val_subset, names, transform)
     return DataLoader(
         dataset,
@@ -125,14 +129,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.get("ckpt"):
         raise DMTCError("no checkpoint given: run `python evaluate.py ckpt=/path/to/checkpoint`")
     ckpt = Path(cfg.ckpt)
-    if not ckpt.is_file():
-        raise DMTCError(f"checkpoint {ckpt} (ckpt=) does not exist")
-    settings = eval_settings(cfg)
     start = time.perf_counter()
-    model = build_model(cfg, init="none")  # every tensor comes from the checkpoint
-    report = load_dmt_checkpoint(model, ckpt, model_key=cfg.get("model_key"), allow_head_mismatch=False)
-    log.info("loaded %d tensors from %s", len(report.loaded), ckpt)
-    loader = build_val_loader(cfg, settings["resize"])
+    # architecture, input pipeline and (where recorded) dataset come from the checkpoint
+    restored = restore(cfg, ckpt, cfg.get("model_key"))
+    cfg, model = restored.cfg, restored.model
+    settings = eval_settings(cfg)
+    loader = build_val_loader(cfg, settings["resize"], restored.inputs)
     writer = None
     if settings["export_dir"]:
         writer = PredictionWriter(settings["export_dir"], cityscapes=cfg.dataset.get("label_map") == "cityscapes",
@@ -164,10 +166,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "dataset": cfg.dataset.name,
         "backbone": cfg.backbone.name,
         "checkpoint": str(ckpt.resolve()),
+        "model_key": restored.model_key,
         "miou": summary["miou"],
         "per_class_iou": summary["per_class_iou"],
         "num_val": len(loader.dataset),
-        "eval": {**settings, "input_init": str(cfg.backbone.get("init", "none"))},
+        "eval": {**settings, "input_init": restored.init},
+        "model": {**restored.architecture, "checkpoint_kind": restored.kind},
+        "dataset_settings": restored.dataset_source,
         "wall_time_s": round(time.perf_counter() - start, 1),
     }
     if writer is not None:

@@ -76,12 +76,13 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def labeling_transform(cfg: DictConfig) -> Any:
-    """Evaluation normalisation at the training base size (labels are made where training crops)."""
+def labeling_transform(cfg: DictConfig, inputs: Mapping[str, Any] | None = None) -> Any:
+    """Evaluation normalisation (``inputs``, default the config's ``backbone.init`` pipeline) at the training
+    base size (labels are made where training crops)."""
     from dmtc.builders import input_normalization
 
     base = list(cfg.dataset.base_size) if cfg.dataset.get("base_size") else None
-    return build_eval_transform(base_size=base, **input_normalization(cfg))
+    return build_eval_transform(base_size=base, **dict(inputs or input_normalization(cfg)))
 
 
 def label_images(
@@ -198,27 +199,26 @@ def pseudo_label(cfg: DictConfig) -> dict[str, Any]:
     Labels the split's unlabeled (or labeled, or val) images with one checkpoint (dmtc or DMT/DMTC file)
     into ``<run dir>/store`` and writes ``<run dir>/summary.json`` (see :func:`pseudo_label_summary`).
     """
-    from dmtc.builders import build_layout, build_model, prepare_dataset, resolve_split
-    from dmtc.models import load_dmt_checkpoint
+    from dmtc.builders import build_layout, prepare_dataset, resolve_split
+    from dmtc.from_checkpoint import restore
     from dmtc.results import write_json
 
     if not cfg.get("ckpt"):
         raise DMTCError("no checkpoint given: run `python pseudo_label.py ckpt=/path/to/checkpoint`")
     ckpt = Path(cfg.ckpt)
-    if not ckpt.is_file():
-        raise DMTCError(f"checkpoint {ckpt} (ckpt=) does not exist")
     ratio = float(cfg.ratio)
     if not 0.0 < ratio <= 1.0:
         raise DMTCError(f"ratio={cfg.ratio} must be in (0, 1]: the fraction of each class's pixels kept")
-    model = build_model(cfg)
-    load_dmt_checkpoint(model, ckpt, model_key=cfg.get("model_key"), allow_head_mismatch=False)
+    # architecture, input pipeline and (where recorded) dataset, split and sid come from the checkpoint
+    restored = restore(cfg, ckpt, cfg.get("model_key"))
+    cfg, model = restored.cfg, restored.model
     prepare_dataset(cfg)
     layout = build_layout(cfg)
     split = resolve_split(cfg, layout)
     which = str(cfg.names)
     ds = cfg.dataset
     if which == "unlabeled":
-        names, subset = split.unlabeled, ds.train_subset
+        names, subset = split.unlabeled, split.unlabeled_subset
     elif which == "labeled":
         names, subset = split.labeled, ds.train_subset
     elif which == "val":
@@ -232,7 +232,7 @@ def pseudo_label(cfg: DictConfig) -> dict[str, Any]:
     store, hist, _ = label_images(
         model, layout, subset, names, out / "store",
         meta={"checkpoint": str(ckpt.resolve()), "model_key": cfg.get("model_key")},
-        num_classes=int(ds.num_classes), transform=labeling_transform(cfg),
+        num_classes=int(ds.num_classes), transform=labeling_transform(cfg, restored.inputs),
         batch_size=int(ds.val_batch_size), num_workers=int(ds.num_workers),
     )
     thresholds = hist.thresholds(ratio)

@@ -25,6 +25,9 @@ from dmtc.metrics import IGNORE_INDEX, make_miou_metric, summarize
 from dmtc.models.deeplab import model_align_corners, upsample_logits
 
 ENSEMBLE = "ens"
+CHECKPOINT_KEY = "dmtc"
+"""Key of dmtc's metadata in its Lightning checkpoints."""
+CHECKPOINT_FORMAT = 1
 
 
 def poly_factor(step: int, total_steps: int, power: float = 0.9) -> float:
@@ -83,6 +86,9 @@ class SegmentationModule(L.LightningModule):
     (the models' initialisations need different input pipelines, e.g. DMT's COCO/Caffe A and ImageNet B;
     :class:`dmtc.builders.StackedModelInput`); each model reads its own block (:meth:`model_input`).
 
+    ``run_record`` (the training run's ``dataset`` settings, ``split``, ``sid``: :func:`dmtc.builders.run_record`)
+    is saved with each model's architecture in every checkpoint (:meth:`on_save_checkpoint`).
+
     Validation reports ``val/<key>/miou`` (0–100) per model and, with several models, for their ensemble
     (mean of softmaxes) as ``val/ens/miou``; ``val/miou`` is the monitored value (model ``a``).
     ``val_summaries`` keeps the last per-class results for results.json.
@@ -101,6 +107,7 @@ class SegmentationModule(L.LightningModule):
         head_lr_mult: float = 1.0,
         ignore_index: int = IGNORE_INDEX,
         stacked_inputs: bool = False,
+        run_record: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not models:
@@ -115,6 +122,7 @@ class SegmentationModule(L.LightningModule):
         keys = list(self.models) + ([ENSEMBLE] if len(self.models) > 1 else [])
         self.val_metrics = nn.ModuleDict({k: make_miou_metric(self.num_classes, ignore_index) for k in keys})
         self.val_summaries: dict[str, dict[str, Any]] = {}
+        self.run_record = dict(run_record or {})
         self.save_hyperparameters(
             {
                 "num_classes": self.num_classes,
@@ -128,6 +136,16 @@ class SegmentationModule(L.LightningModule):
                 "stacked_inputs": self.stacked_inputs,
             }
         )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record what evaluation and labeling need to rebuild the models without flags (``checkpoint["dmtc"]``,
+        :mod:`dmtc.from_checkpoint`): each model's architecture and input pipeline
+        (:meth:`dmtc.models.DeepLabV2.architecture`) and the training run's dataset settings and split."""
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": CHECKPOINT_FORMAT,
+            "models": {k: m.architecture() for k, m in self.models.items() if hasattr(m, "architecture")},
+            **self.run_record,
+        }
 
     @property
     def primary(self) -> str:

@@ -25,7 +25,9 @@ own; labeling uses each model's own transform. Checkpoints hold plain models: ev
 
 Every phase lives in a sub-folder of the run dir (``phase0_warmup/``, ``phase1_r0.2/``, …) holding
 ``checkpoints/`` (best-by-val checkpoint per model, ``last.ckpt``), ``pseudo_a/``, ``pseudo_b/`` and
-``done.json``, written atomically once the phase is finished and validated. Rerunning the same command
+``done.json``, written atomically once the phase is finished and validated (the phase's ``last.ckpt`` is then
+deleted unless ``method.keep_last=true``: a finished phase is never resumed; best checkpoints hold weights
+only). Rerunning the same command
 skips finished phases, reuses complete pseudo-label stores (manifest written last) and resumes an
 unfinished phase from Lightning's ``last.ckpt``. One set of logger instances serves all phases, on one
 continuous step axis.
@@ -60,6 +62,7 @@ from dmtc.builders import (
     build_trainer,
     input_normalization,
     resolve_split,
+    run_record,
     stacks_inputs,
 )
 from dmtc.callbacks import last_checkpoint_callback
@@ -147,6 +150,17 @@ def pair_spec(cfg: DictConfig) -> PairSpec:
             raise DMTCError(f"method.models.{key}.init={init!r} (model {key.upper()}, pair_init={mode}) is not an "
                             f"initialisation: use one of {', '.join(INITS)}, or null for backbone.init ({own})")
         inits[key] = init
+    if cfg.get("smoke") and any(not _init_available(cfg, inits[k]) for k in PAIR):
+        # debug=smoke shrinks the backbone; the dataset's pair (e.g. city's COCO A + ImageNet B) needs weight
+        # files of the full ResNet-101: the smoke pair becomes two seeds of the backbone's own init
+        own_ok = _init_available(cfg, own)
+        fallback = own if own_ok else "none"
+        log.info("debug=smoke: the pair's inits (A %s, B %s) need weight files backbone=%s lacks; the smoke run "
+                 "uses pair_init=%s with init %s for both", inits["a"], inits["b"], cfg.backbone.name,
+                 "subsets" if mode == "subsets" else "seeds", fallback)
+        inits = {k: fallback for k in PAIR}
+        if mode == "inits":
+            mode = "seeds"
     if mode == "inits" and inits["a"] == inits["b"]:
         raise DMTCError(f"pair_init=inits needs two different inits, but A and B both use {inits['a']}: set "
                         "method.models.a.init / method.models.b.init (e.g. coco and imagenet), or use "
@@ -171,6 +185,16 @@ def pair_spec(cfg: DictConfig) -> PairSpec:
             raise DMTCError(f"pair_init=subsets needs two different warm-up lists, but method.models.a.labeled and "
                             f"b.labeled are both {warmup['a']} (DMT: {base}-l and {base}-r)")
     return PairSpec(mode, dict(zip(PAIR, seeds)), inits, warmup)
+
+
+def _init_available(cfg: DictConfig, init: str) -> bool:
+    """Whether initialisation ``init`` can build the configured backbone: ``none`` always, ``coco`` and
+    ``imagenet`` when the backbone config names a weight file for it (resnet_tiny names none)."""
+    if init == "none":
+        return True
+    own = str(cfg.backbone.get("init", "none"))
+    path = cfg.backbone.get("weights") if init == own else (cfg.backbone.get("weight_files") or {}).get(init)
+    return bool(path)
 
 
 def build_pair(cfg: DictConfig, spec: PairSpec | None = None) -> dict[str, nn.Module]:
@@ -281,6 +305,7 @@ def _checkpoint_callbacks(phase_dir: Path) -> dict[str, ModelCheckpoint]:
             monitor=f"val/{key}/miou",
             mode="max",
             save_top_k=1,
+            save_weights_only=True,  # read by evaluation and the next phase; resuming uses last.ckpt
         )
         for key in PAIR
     }
@@ -297,6 +322,7 @@ def _optim_kwargs(cfg: DictConfig, lr: float) -> dict[str, Any]:
         "weight_decay": cfg.optim.weight_decay,
         "poly_power": cfg.optim.poly_power,
         "head_lr_mult": cfg.optim.head_lr_mult,
+        "run_record": run_record(cfg),
     }
 
 
@@ -337,10 +363,10 @@ class _Context:
         self.datamodule, self.split = build_datamodule(cfg, input_norms=self.norms)
         if not self.split.unlabeled:
             raise DMTCError(f"split={cfg.split} labels every training image: DMT needs unlabeled images "
-                            "(use split=8, 20, ... or method=supervised)")
-        ds = cfg.dataset
+                            "(use split=8, 20, ..., add unlabeled images (dataset.unlabeled_subset; dataset=folder: "
+                            "images/unlabeled/) or run method=supervised)")
         self.layout = self.datamodule.layout
-        self.layout.check_files(ds.train_subset, self.split.unlabeled, labels=False)
+        self.layout.check_files(self.split.unlabeled_subset, self.split.unlabeled, labels=False)
         self.warmup = warmup_lists(cfg, pair, self.split)
         if self.warmup is not None:  # subsets: each model its own list (warm-up only; phases use the split)
             self.datamodule.set_model_labeled(self.warmup)
@@ -410,6 +436,9 @@ def _fit_phase(ctx: _Context, phase: Phase, step_offset: int, pseudo: dict[str, 
     }
     if trainer.is_global_zero:
         write_json(phase_dir / DONE, record)
+        if not cfg.method.get("keep_last", False):
+            # a finished phase is never resumed: its last.ckpt (weights + optimizer of both models) goes
+            (phase_dir / "checkpoints" / "last.ckpt").unlink(missing_ok=True)
         log.info("%s done: mIoU A %.2f, B %.2f, ensemble %.2f", phase.name, val["a"]["miou"], val["b"]["miou"],
                  val[ENSEMBLE]["miou"])
     return record
@@ -427,7 +456,7 @@ def _label_phase(ctx: _Context, phase: Phase, prev: dict[str, Any]) -> tuple[dic
         # where training crops); = dmtc.labeling.labeling_transform for the config's own init
         transform = build_eval_transform(base_size=base_size, **ctx.norms[key])
         store, hist, reused = label_images(
-            ctx.models[key], ctx.layout, ds.train_subset, ctx.split.unlabeled, phase_dir / f"pseudo_{key}",
+            ctx.models[key], ctx.layout, ctx.split.unlabeled_subset, ctx.split.unlabeled, phase_dir / f"pseudo_{key}",
             meta={"model": key, "source": prev["checkpoints"][key], "phase": phase.index},
             num_classes=int(ds.num_classes), transform=transform, batch_size=int(ds.val_batch_size),
             num_workers=int(ds.num_workers),
@@ -436,7 +465,7 @@ def _label_phase(ctx: _Context, phase: Phase, prev: dict[str, Any]) -> tuple[dic
         quality = bool(cfg.method.get("pseudo_quality", True))
         summaries[key] = pseudo_label_summary(
             store, hist, thresholds[key], list(ds.class_names), float(phase.ratio),
-            layout=ctx.layout if quality else None, subset=ds.train_subset,
+            layout=ctx.layout if quality else None, subset=ctx.split.unlabeled_subset,
         )
         summaries[key]["reused"] = reused
     log.info("%s: pseudo labels ready in %.1fs (kept A %.1f%%, B %.1f%% of pixels)", phase.name,
@@ -447,8 +476,8 @@ def _label_phase(ctx: _Context, phase: Phase, prev: dict[str, Any]) -> tuple[dic
              "num_workers": int(ds.num_workers)}
     if ctx.streams == "shared":
         # the warm-up's training transform (one normalised block per model when their inits differ)
-        unlabeled = PseudoLabeledDataset(ctx.layout, ds.train_subset, ctx.split.unlabeled, stores, thresholds,
-                                         ctx.datamodule.train_transform)
+        unlabeled = PseudoLabeledDataset(ctx.layout, ctx.split.unlabeled_subset, ctx.split.unlabeled, stores,
+                                         thresholds, ctx.datamodule.train_transform)
         labeled = ctx.datamodule.train_dataset()  # the run's whole labeled split, in every pair_init mode
 
         def make_loader(world_size: int) -> Any:
@@ -461,8 +490,9 @@ def _label_phase(ctx: _Context, phase: Phase, prev: dict[str, Any]) -> tuple[dic
     for key, other in (("a", "b"), ("b", "a")):
         transform = ctx.datamodule.model_train_transforms[key]
         labeled_k = ctx.datamodule.train_dataset(stream_order(ctx.split.labeled, cfg, key), key)
-        unlabeled_k = PseudoLabeledDataset(ctx.layout, ds.train_subset, stream_order(ctx.split.unlabeled, cfg, key),
-                                           {other: stores[other]}, {other: thresholds[other]}, transform)
+        unlabeled_k = PseudoLabeledDataset(ctx.layout, ctx.split.unlabeled_subset,
+                                           stream_order(ctx.split.unlabeled, cfg, key), {other: stores[other]},
+                                           {other: thresholds[other]}, transform)
         streams[key] = (labeled_k, unlabeled_k)
 
     def make_pair_loader(world_size: int) -> Any:
@@ -488,7 +518,7 @@ def _final_results(cfg: DictConfig, ctx: _Context, records: list[dict[str, Any]]
         "task": "train",
         "method": str(cfg.method.name),
         "dataset": cfg.dataset.name,
-        "split": str(cfg.split),
+        "split": ctx.split.name,
         "sid": int(cfg.sid),
         "seed": int(cfg.seed),
         "backbone": cfg.backbone.name,
@@ -549,7 +579,7 @@ def run_dmt(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     ctx = _Context(cfg, pair)
     log.info("DMT on %s split=%s sid=%s: %d labeled, %d unlabeled, %d val images; phases %s",
-             cfg.dataset.name, cfg.split, cfg.sid, len(ctx.split.labeled), len(ctx.split.unlabeled),
+             cfg.dataset.name, ctx.split.name, cfg.sid, len(ctx.split.labeled), len(ctx.split.unlabeled),
              len(ctx.split.val), [p.name for p in phases])
     warm = {k: f"{pair.warmup[k]} ({len(ctx.warmup[k])} images)" for k in PAIR} if ctx.warmup else None
     log.info("pair_init=%s: A init %s seed %d%s, B init %s seed %d%s%s", pair.mode, pair.inits["a"], pair.seeds["a"],

@@ -21,7 +21,8 @@ Store layout (:class:`PseudoLabelStore`)::
 
     <directory>/label/<name>.png        uint8 argmax class
     <directory>/confidence/<name>.png   uint16 score code (:func:`quantize_score`)
-    <directory>/histogram.npy           int64 C×bins counts of scores (optional)
+    <directory>/histogram.npz           int64 C×bins counts of scores, compressed (optional; older stores:
+                                        histogram.npy, still read)
     <directory>/manifest.json           written last; only a store with a matching manifest is trusted
 
 Every file is written to a temporary file in its own directory and moved into place with ``os.replace``.
@@ -294,7 +295,7 @@ class PseudoLabelStore:
     """
 
     MANIFEST = "manifest.json"
-    HISTOGRAM = "histogram.npy"
+    HISTOGRAM = "histogram.npz"
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
@@ -376,7 +377,8 @@ class PseudoLabelStore:
 
         ``names`` defaults to the names written through this object; under DDP pass the full list (all
         ranks' shards) from the rank that finalizes, after a barrier. ``histogram`` (all-reduced already)
-        is saved as ``histogram.npy`` before the manifest. Every listed file must exist.
+        is saved as ``histogram.npz`` (compressed: C × 65,536 bins are mostly empty) before the manifest.
+        Every listed file must exist.
         """
         names = sorted(set(self._written if names is None else names))
         paths = (p for n in names for p in (self.label_path(n), self.confidence_path(n)))
@@ -390,7 +392,7 @@ class PseudoLabelStore:
             raise ValueError(f"meta keys {sorted(reserved)} are reserved for the store")
         if histogram is not None:
             path = self.directory / self.HISTOGRAM
-            self._atomic_write(path, _npy_bytes(histogram.counts.numpy()))
+            self._atomic_write(path, _npz_bytes(histogram.counts.numpy()))
             manifest["histogram"] = self.HISTOGRAM
         manifest["names"] = names
         self._atomic_write(self.manifest_path, json.dumps(manifest, indent=1).encode())
@@ -428,11 +430,13 @@ class PseudoLabelStore:
         return list(manifest.get("names", [])) if manifest else []
 
     def load_histogram(self) -> ConfidenceHistogram:
-        """The histogram saved by :meth:`finalize`."""
-        path = self.directory / self.HISTOGRAM
+        """The histogram saved by :meth:`finalize` (the file its manifest names)."""
+        manifest = self.manifest() or {}
+        path = self.directory / str(manifest.get("histogram") or self.HISTOGRAM)
         try:
-            counts = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as e:
+            loaded = np.load(path, allow_pickle=False)
+            counts = loaded["counts"] if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
+        except (OSError, ValueError, EOFError, KeyError) as e:
             raise DMTCError(f"cannot read pseudo-label histogram {path} ({e}); delete the store "
                             f"{self.directory} (it will be regenerated)") from e
         return ConfidenceHistogram.from_counts(counts)
@@ -478,9 +482,9 @@ class PseudoLabelStore:
             pass
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
+def _npz_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
+    np.savez_compressed(buf, counts=array)
     return buf.getvalue()
 
 

@@ -66,7 +66,7 @@ def train_supervised(cfg: DictConfig) -> dict[str, Any]:
     datamodule, split = build_datamodule(cfg)
     log.info(
         "%s split=%s sid=%s: %d labeled, %d unlabeled, %d val images",
-        cfg.dataset.name, cfg.split, cfg.sid, len(split.labeled), len(split.unlabeled), len(split.val),
+        cfg.dataset.name, split.name, cfg.sid, len(split.labeled), len(split.unlabeled), len(split.val),
     )
     module = build_module(cfg, {"a": build_model(cfg)})
     trainer = build_trainer(cfg)
@@ -85,7 +85,7 @@ def train_supervised(cfg: DictConfig) -> dict[str, Any]:
         "task": "train",
         "method": cfg.method.name,
         "dataset": cfg.dataset.name,
-        "split": str(cfg.split),
+        "split": split.name,
         "sid": int(cfg.sid),
         "seed": int(cfg.seed),
         "backbone": cfg.backbone.name,

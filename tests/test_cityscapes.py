@@ -78,7 +78,7 @@ def test_config_classes_are_the_label_table(compose_cfg, city_root):
 
 
 def test_names_splits_and_loader(compose_cfg, city_root):
-    cfg = compose_cfg(overrides=city_overrides(city_root, "split=2", "sid=1", "backbone=resnet_tiny"))
+    cfg = compose_cfg(overrides=city_overrides(city_root, "split=2", "sid=1", "backbone=resnet_tiny", "~debug"))
     layout = build_layout(cfg)
     train = layout.names("train")
     assert len(train) == 18 and train == sorted(train) and train[0] == "aachen/aachen_000000_000019"

@@ -142,7 +142,7 @@ def test_bank_takes_labeled_and_confident_pseudo_pixels_only():
 
 
 def test_two_phase_dmtc_run_logs_and_checkpoints_the_bank(compose_cfg):
-    cfg = compose_cfg(overrides=[*DMTC, "method.contrastive.bank_size=16"])
+    cfg = compose_cfg(overrides=[*DMTC, "method.contrastive.bank_size=16", "method.keep_last=true"])
     results = train(cfg)
     run = Path(cfg.paths.output_dir)
     saved = json.loads((run / "results.json").read_text())
@@ -175,6 +175,7 @@ def test_ddp_ranks_end_with_identical_banks(tmp_path):
     # two phase epochs: the bank in last.ckpt must be the final one even if the last validation does not
     # improve on the best
     overrides = [*tiny_run_overrides(tmp_path), *DMTC, "method.phase.epochs=2", "method.contrastive.bank_size=16",
+                 "method.keep_last=true",
                  "strategy=ddp",
                  "trainer.accelerator=cpu", "trainer.devices=2", f"hydra.run.dir={tmp_path / 'run'}",
                  "+callbacks.bank_dump._target_=test_dmtc.BankDump", f"+callbacks.bank_dump.out={dump}"]

@@ -117,7 +117,7 @@ def test_cityscapes_dmt_protocol(compose_cfg, tmp_path):
     root = make_city_tree(tmp_path / "cityscapes")
     ckpt = _checkpoint(tmp_path, 19)
     export = tmp_path / "export"
-    common = [f"ckpt={ckpt}", "backbone=resnet_tiny"]
+    common = [f"ckpt={ckpt}", "backbone=resnet_tiny", "~debug"]  # debug=smoke would skip the 512×1024 resize
     dmt = evaluate(compose_cfg("evaluate", overrides=city_overrides(root, *common, f"eval.export_dir={export}")))
     assert dmt["eval"]["protocol"] == "dmt" and dmt["eval"]["resize"] == [512, 1024]  # DMT §4.1 default
     pred = cv2.imread(str(export / "lindau_000001_000019_pred.png"), cv2.IMREAD_UNCHANGED)

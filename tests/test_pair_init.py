@@ -111,7 +111,7 @@ def _raw_rgb(images: torch.Tensor, norm: dict) -> torch.Tensor:
 
 
 def test_pair_and_phase_schedule_come_from_the_dataset(compose_cfg):
-    cfg = compose_cfg(overrides=["method=dmt"])  # synthetic: a seeds pair, the CPU-sized phase schedule
+    cfg = compose_cfg(overrides=["method=dmt", "~debug"])  # synthetic: a seeds pair, the CPU-sized phase schedule
     p = cfg.method.phase
     assert cfg.method.pair_init == "seeds" and cfg.method.get("schedules") is None
     assert (p.epochs, p.lr, p.gamma1, p.gamma2, p.labeled_batch_size, p.unlabeled_batch_size) == (2, 0.01, 3, 3, 2, 6)
@@ -122,8 +122,8 @@ def test_pair_and_phase_schedule_come_from_the_dataset(compose_cfg):
                                  "+dataset.schedule.dmt_phase.ratios=[0.5,1.0]"])
     assert (cfg.method.phase.epochs, cfg.method.phase.lr, list(cfg.method.ratios)) == (4, 0.02, [0.5, 1.0])
 
-    def voc(*extra):
-        return compose_cfg(overrides=["dataset=voc", "method=dmt", *extra])
+    def voc(*extra):  # the protocol's ResNet-101 (debug=smoke's resnet_tiny falls back: below)
+        return compose_cfg(overrides=["dataset=voc", "method=dmt", "~debug", *extra])
 
     cfg = voc("split=106")  # DMT VOC 1/106: both COCO, warmed up on the difference-maximized subsets
     assert cfg.method.pair_init == "subsets"
@@ -134,11 +134,17 @@ def test_pair_and_phase_schedule_come_from_the_dataset(compose_cfg):
     cfg = voc("split=20")  # DMT VOC 1/20: A from COCO, B from ImageNet
     assert pair_spec(cfg) == PairSpec("inits", {"a": 0, "b": 1}, {"a": "coco", "b": "imagenet"}, None)
     cfg = voc("split=20", "method.pair_init=seeds", "method.phase.gamma1=2")
-    # seeds: both from backbone.init (debug=smoke's resnet_tiny here: none)
-    assert pair_spec(cfg).inits == {"a": "none", "b": "none"} and cfg.method.phase.gamma1 == 2
-    cfg = compose_cfg(overrides=["dataset=city", "method=dmt", "split=8"])
+    # seeds: both from backbone.init (resnet101: imagenet)
+    assert pair_spec(cfg).inits == {"a": "imagenet", "b": "imagenet"} and cfg.method.phase.gamma1 == 2
+    cfg = compose_cfg(overrides=["dataset=city", "method=dmt", "split=8", "~debug"])
     assert pair_spec(cfg).mode == "inits" and pair_spec(cfg).inits == {"a": "coco", "b": "imagenet"}
+    # debug=smoke's resnet_tiny has no weight files: the pair becomes two seeds of random init, subsets stay
+    cfg = compose_cfg(overrides=["dataset=city", "method=dmt", "split=8"])
+    assert pair_spec(cfg) == PairSpec("seeds", {"a": 0, "b": 1}, {"a": "none", "b": "none"}, None)
     assert (cfg.method.phase.epochs, cfg.method.phase.unlabeled_batch_size) == (10, 6)
+    cfg = compose_cfg(overrides=["dataset=voc", "method=dmt", "split=106"])
+    assert pair_spec(cfg) == PairSpec("subsets", {"a": 0, "b": 1}, {"a": "none", "b": "none"},
+                                      {"a": "106-l", "b": "106-r"})
     # subsets on a split without a table entry: <split>-l / <split>-r
     assert pair_spec(compose_cfg(overrides=[*DMT, "method.pair_init=subsets"])).warmup == {"a": "8-l", "b": "8-r"}
 
@@ -164,8 +170,10 @@ def test_missing_init_file_or_subset_list_is_one_error(compose_cfg, capsys, tmp_
     cfg = compose_cfg(overrides=[*DMT, "method.pair_init=inits", "method.models.a.init=coco",
                                  f"+backbone.weight_files.coco={missing}"])
     expect_user_error(train, cfg, capsys, "model A", "method.models.a.init=coco", str(missing), "backbone.weights")
-    # no COCO file configured for this backbone: the init is refused, naming the model and the fix
-    cfg = compose_cfg(overrides=[*DMT, "method.pair_init=inits", "method.models.b.init=coco"])
+    # no COCO file configured for this backbone: the init is refused, naming the model and the fix (outside
+    # debug=smoke, which falls back to a seeds pair of random init: test_smoke.py)
+    cfg = compose_cfg(overrides=[*DMT, "method.pair_init=inits", "method.models.b.init=coco", "~debug",
+                                 "backbone=resnet_tiny"])
     expect_user_error(train, cfg, capsys, "model B", "method.models.b.init=coco", "backbone=resnet101")
     # warm-up lists: one that cannot exist, one from outside the run's labeled split
     cfg = compose_cfg(overrides=[*DMT, "method.pair_init=subsets", "method.models.b.labeled=4-r"])

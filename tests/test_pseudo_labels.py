@@ -176,9 +176,9 @@ def test_store_with_histogram(tmp_path):
     hist = ConfidenceHistogram(3, bins=16)
     hist.update(torch.tensor([0, 1, 1]), torch.tensor([0.1, 0.5, 0.95]))
     store.finalize(META, histogram=hist)
-    assert json.loads((tmp_path / "manifest.json").read_text())["histogram"] == "histogram.npy"
+    assert json.loads((tmp_path / "manifest.json").read_text())["histogram"] == "histogram.npz"
     assert torch.equal(store.load_histogram().counts, hist.counts)
-    (tmp_path / "histogram.npy").unlink()
+    (tmp_path / "histogram.npz").unlink()
     assert not store.is_complete(META)
 
 

@@ -35,7 +35,10 @@ def test_train_then_evaluate_entry_points(tmp_path):
 
     proc = run_script("evaluate.py", [*overrides, f"ckpt={ckpt}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (eval_dir,) = list((tmp_path / "outputs" / "evaluate").iterdir())
+    # one folder per checkpoint (stem + path hash), then the overrides
+    (results_file,) = list((tmp_path / "outputs" / "evaluate").rglob("results.json"))
+    eval_dir = results_file.parent
+    assert eval_dir.parent.name.startswith(ckpt.stem + "-")
     evaluated = _results(eval_dir)
     # same weights, same validation batches → the same numbers
     assert evaluated["miou"] == pytest.approx(trained["miou"], abs=1e-3)

@@ -47,6 +47,16 @@ class DatasetLayout:
                 f"point to your copy with `python train.py dataset={self.name} dataset.root=/path/to/data`"
             )
 
+    def has_subset(self, subset: str) -> bool:
+        """Whether ``subset`` exists on disk: its list file, or its own image folder (a template whose folder
+        holds every subset, like VOC's ``JPEGImages/{name}.jpg``, needs the list)."""
+        if self.list_template is not None and (self.root / self.list_template.format(subset=subset)).is_file():
+            return True
+        if "{subset}" not in self.image_template:
+            return False
+        prefix = self.image_template.format(subset=subset, name="\0").partition("\0")[0]
+        return (self.root / prefix).is_dir()
+
     def names(self, subset: str) -> list[str]:
         """Names of ``subset``: from its list file, else by scanning the image folder (sorted)."""
         self.check_root()

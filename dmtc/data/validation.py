@@ -2,9 +2,10 @@
 
 Every problem a user can have with downloaded data ends in one :class:`~dmtc.errors.DMTCError` that names
 the file or folder and the fix, within seconds: the root or a subfolder is missing, a split list names
-images that do not exist, an image has no label, or a label holds values outside the class set (other
-than 255 and the dataset's void ids). Existence is checked for every listed name (one ``stat`` each);
-label values are checked on a small, evenly spaced sample of decoded labels.
+images that do not exist, an image has no label, a file is truncated, or a label holds values outside the
+class set (other than 255 and the dataset's void ids). Existence and completeness are checked for every
+listed file (a ``stat`` and two small reads each); label values on a small, evenly spaced sample of
+decoded labels.
 """
 
 from __future__ import annotations
@@ -68,7 +69,64 @@ def check_names(layout: DatasetLayout, name_sets: Iterable[NameSet]) -> None:
                         if not layout.label_path(entry.subset, n).is_file()]
             if no_label:
                 _raise_missing(layout, no_label, f"of images in {entry.source}", "labels",
-                               "restore the label files (or train with the images unlabeled)")
+                               "restore the label files, or train with these images unlabeled: move them to "
+                               "the unlabeled image folder (dataset=folder: images/unlabeled/, "
+                               "dataset.unlabeled_subset) or list them in dataset.split_lists.unlabeled "
+                               "(README 'Your own data')")
+
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"IEND\xaeB`\x82"
+_JPEG_MAGIC = b"\xff\xd8"
+
+
+def file_problem(path: Path) -> str | None:
+    """Why an image/label file cannot be decoded completely, from a few bytes at each end (no decoding):
+    PNG must start with its signature and end with the IEND chunk, JPEG start with SOI and hold an EOI
+    marker (0xFFD9) near its end; other formats are opened by PIL's header parser. None if it looks whole.
+    A file cut short by an interrupted download or copy fails this (it would stop training mid-epoch)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(16)
+            f.seek(max(0, size - 1024))
+            tail = f.read()
+    except OSError as err:
+        return f"cannot be read ({err.strerror})"
+    if size == 0:
+        return "is empty"
+    if head.startswith(_PNG_MAGIC):
+        return None if tail.endswith(_PNG_END) else "is a truncated PNG (no IEND chunk at its end)"
+    if head.startswith(_JPEG_MAGIC):
+        return None if b"\xff\xd9" in tail[-64:] else "is a truncated JPEG (no end-of-image marker)"
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            image.size  # noqa: B018  (parses the header)
+    except Exception as err:  # any parser error: not an image we can read
+        return f"is not a readable image ({err})"
+    return None
+
+
+def check_integrity(layout: DatasetLayout, name_sets: Iterable[NameSet]) -> None:
+    """Every listed image (and needed label) is a whole file (:func:`file_problem`): two small reads per
+    file, so a dataset of thousands of images is checked in about a second."""
+    bad: list[str] = []
+    for entry in name_sets:
+        for name in entry.names:
+            paths = [layout.image_path(entry.subset, name)]
+            if entry.labels:
+                paths.append(layout.label_path(entry.subset, name))
+            for path in paths:
+                problem = file_problem(path)
+                if problem:
+                    bad.append(f"{path} {problem}")
+    if bad:
+        shown = "\n  ".join(bad[:5])
+        more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise DMTCError(f"{layout.name}: {len(bad)} damaged file(s):\n  {shown}{more}\nrestore or re-download "
+                        "them (or remove them from the lists)")
 
 
 def _raise_missing(layout: DatasetLayout, paths: Sequence[Path], where: str, what: str, fix: str) -> None:
@@ -157,9 +215,12 @@ def validate_dataset(
     *,
     sample: int = 8,
 ) -> None:
-    """All checks before training: folders, every listed file, and a sample of label values per subset."""
-    check_folders(layout, [s.subset for s in name_sets], labels=any(s.labels for s in name_sets))
+    """All checks before training: folders, every listed file (present and whole), and a sample of label
+    values per subset."""
+    check_folders(layout, [s.subset for s in name_sets if s.labels])
+    check_folders(layout, [s.subset for s in name_sets if not s.labels], labels=False)
     check_names(layout, name_sets)
+    check_integrity(layout, name_sets)
     for entry in name_sets:
         if entry.labels:
             check_label_values(layout, entry.subset, entry.names, allowed, sample=sample)

@@ -69,6 +69,30 @@ def _read(path: Path) -> object:
         ) from e
 
 
+def read_checkpoint(path: str | Path) -> object:
+    """The object stored in a checkpoint file (``torch.load(weights_only=True)`` on the CPU); a missing or
+    unreadable file is one :class:`DMTCError`."""
+    return _read(Path(path))
+
+
+def model_state(contents: object, path: str | Path, model_key: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of the one model a checkpoint holds (``model_key`` of a pair), keyed by dmtc's module
+    names (``backbone.*``, ``classifier.convs.{i}.*``, ``projection.*``) whatever the file's layout."""
+    raw, prefix = _select_state_dict(contents, Path(path), model_key)
+    return {_map_key(k[len(prefix):]): v for k, v in raw.items()}
+
+
+def release_layout(contents: object, path: str | Path) -> bool:
+    """Whether a file holds a model in the released DMT/DMTC/AdvSemiSeg key layout (``classifier.0.convs.*``
+    or ``layer5.conv2d_list.*``): models whose public code sums only the d6 and d12 branches."""
+    try:
+        raw, prefix = _select_state_dict(contents, Path(path), None)
+    except DMTCError:
+        return False
+    return any(_strip_wrappers(k[len(prefix):]).startswith(("classifier.0.convs.", "layer5.conv2d_list."))
+               for k in raw)
+
+
 def _is_state_dict(obj: object) -> bool:
     """A str-keyed mapping holding tensors (non-tensor extra states are allowed and ignored)."""
     return (
@@ -115,14 +139,20 @@ def _select_state_dict(obj: object, path: Path, model_key: str | None) -> tuple[
     return {k: v for k, v in state.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}, prefix
 
 
-def _map_key(key: str) -> str:
-    """Map one model-level file key to dmtc's module names."""
+def _strip_wrappers(key: str) -> str:
+    """``key`` without DataParallel / torch.compile / Caffe-conversion prefixes."""
     changed = True
     while changed:
         changed = False
         for prefix in _WRAPPER_PREFIXES:
             if key.startswith(prefix):
                 key, changed = key[len(prefix) :], True
+    return key
+
+
+def _map_key(key: str) -> str:
+    """Map one model-level file key to dmtc's module names."""
+    key = _strip_wrappers(key)
     if key.startswith("classifier.0.convs."):  # DMT: classifier = Sequential(ASPP)
         return "classifier.convs." + key[len("classifier.0.convs.") :]
     if key.startswith("layer5.conv2d_list."):  # AdvSemiSeg / Hung et al. COCO DeepLab-v2
@@ -153,6 +183,7 @@ def load_dmt_checkpoint(
     *,
     model_key: str | None = None,
     allow_head_mismatch: bool = True,
+    contents: object | None = None,
 ) -> LoadReport:
     """Load a DMT/DMTC checkpoint or a dmtc Lightning checkpoint into ``model`` (a :class:`DeepLabV2`).
 
@@ -160,10 +191,11 @@ def load_dmt_checkpoint(
     else the only one). Non-backbone tensors whose shape does not fit (another class count) are skipped
     with one warning if ``allow_head_mismatch``, else raise :class:`DMTCError`. Backbone tensors that are
     missing or do not fit raise :class:`DMTCError`. Model keys absent from the file, other than the
-    backbone's, keep their values and are warned about.
+    backbone's, keep their values and are warned about. ``contents``: the file's object when the caller has
+    read it already (:func:`read_checkpoint`), so a large file is not read twice.
     """
     path = Path(path)
-    raw, prefix = _select_state_dict(_read(path), path, model_key)
+    raw, prefix = _select_state_dict(_read(path) if contents is None else contents, path, model_key)
     file_state: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     for key, value in raw.items():
