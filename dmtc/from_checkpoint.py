@@ -115,8 +115,12 @@ def _run_folder_record(ckpt: Path) -> tuple[dict[str, Any], Path] | None:
 def _apply_dataset(cfg: DictConfig, record: Mapping[str, Any], overrides: Mapping[str, Any]) -> None:
     """The training run's dataset node (and split/sid) into ``cfg`` unless the command line chose its own,
     then the command line's ``dataset.*`` values on top."""
+    recorded = OmegaConf.create(copy.deepcopy(dict(record["dataset"])))
     with open_dict(cfg):
-        cfg.dataset = OmegaConf.create(copy.deepcopy(dict(record["dataset"])))
+        if recorded.get("name") == cfg.dataset.get("name"):  # the same dataset config: the record's values win
+            cfg.dataset = OmegaConf.merge(OmegaConf.to_container(cfg.dataset, resolve=True), recorded)
+        else:
+            cfg.dataset = recorded
         for key in ("split", "sid"):
             if key not in overrides and record.get(key) is not None:
                 cfg[key] = record[key]
