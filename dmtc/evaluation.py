@@ -12,6 +12,9 @@ Protocols (``eval.protocol``):
   original image and its logits are upsampled bilinearly to the label size.
 
 ``eval.flip`` and ``eval.scales`` add test-time flip / multi-scale (:func:`dmtc.inference.predict_probs`).
+``eval.mode=slide`` runs sliding windows of the training crop (stride ⅔ of it, overlapping softmaxes
+averaged): the protocol of UniMatch and U2PL, not DMT's (which runs the whole image), for comparing with
+papers that report it.
 ``eval.export_dir`` writes one PNG per image (:mod:`dmtc.export`) at the original image size: Cityscapes
 label ids for ``csEvalPixelLevelSemanticLabeling`` (which scores them exactly as ``protocol=full`` does),
 palette PNGs otherwise.
@@ -48,11 +51,13 @@ from dmtc.results import format_table, write_json
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("dmt", "full")
+MODES = ("whole", "slide")
 
 
 def eval_settings(cfg: DictConfig) -> dict[str, Any]:
-    """The evaluation protocol of ``cfg.eval`` resolved for the dataset: ``protocol``, ``resize`` (input
-    and label size or None), ``pad_to`` (or None), ``scales``, ``flip``, ``export_dir`` (or None)."""
+    """The evaluation protocol of ``cfg.eval`` resolved for the dataset: ``mode`` (``whole`` or ``slide``),
+    ``window``/``stride`` (slide: default the training crop and ⅔ of it), ``protocol``, ``resize`` (input and
+    label size or None), ``pad_to`` (or None), ``scales``, ``flip``, ``export_dir`` (or None)."""
     ev = cfg.get("eval") or {}
     protocol = str(ev.get("protocol", "dmt"))
     if protocol not in PROTOCOLS:
@@ -64,7 +69,20 @@ def eval_settings(cfg: DictConfig) -> dict[str, Any]:
     scales = [float(s) for s in (ev.get("scales") or [1.0])]
     if any(s <= 0 for s in scales):
         raise DMTCError(f"eval.scales={scales}: every scale must be positive (e.g. [0.75,1.0,1.25])")
+    mode = str(ev.get("mode", "whole"))
+    if mode not in MODES:
+        raise DMTCError(f"eval.mode={mode} is not an inference mode; use whole (the model on the whole image, DMT's) "
+                        "or slide (sliding windows of the training crop, UniMatch/U2PL's)")
+    window = stride = None
+    if mode == "slide":
+        window = [int(v) for v in (ev.get("slide_window") or cfg.dataset.crop_size)]
+        stride = [int(v) for v in (ev.get("slide_stride") or [max(1, w * 2 // 3) for w in window])]
+        if len(window) != 2 or len(stride) != 2 or min(window + stride) < 1:
+            raise DMTCError(f"eval.slide_window={window} / eval.slide_stride={stride}: give [H, W] of positive sizes")
     return {
+        "mode": mode,
+        "window": window,
+        "stride": stride,
         "protocol": protocol,
         "resize": list(resize) if resize else None,
         "pad_to": list(pad_to) if pad_to else None,
@@ -142,16 +160,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     device, autocast = _device_and_autocast(cfg)
     model.to(device).eval()
     metric = make_miou_metric(int(cfg.dataset.num_classes)).to(device)
-    log.info("evaluating %d images, protocol %s (input %s, pad %s, scales %s, flip %s)", len(loader.dataset),
+    log.info("evaluating %d images, protocol %s (input %s, pad %s, scales %s, flip %s, %s)", len(loader.dataset),
              settings["protocol"], settings["resize"] or "original size", settings["pad_to"], settings["scales"],
-             settings["flip"])
+             settings["flip"], f"sliding window {settings['window']} stride {settings['stride']}"
+             if settings["mode"] == "slide" else "whole image")
     with torch.no_grad():
         for batch in (b for items in loader for b in _same_size_batches(items)):
             images = batch["image"].to(device)
             labels = batch["label"].to(device)
             with autocast():
                 probs = predict_probs(model, images, labels.shape[-2:], scales=settings["scales"],
-                                      flip=settings["flip"], pad_to=settings["pad_to"])
+                                      flip=settings["flip"], pad_to=settings["pad_to"], window=settings["window"],
+                                      stride=settings["stride"])
             metric.update(probs.argmax(1), labels)
             if writer is not None:
                 for i, name in enumerate(batch["name"]):

@@ -9,6 +9,8 @@ Used by :mod:`dmtc.evaluation`. The protocols it serves (DMT §4.1; the Cityscap
   bilinearly to the label size.
 * Logits (and averaged probabilities) are upsampled with the model's ``align_corners``
   (:func:`dmtc.models.upsample_logits`); input images are rescaled plainly (bilinear, align_corners=False).
+* Sliding window (``eval.mode=slide``; UniMatch's and U2PL's protocol, not DMT's): windows of the training
+  crop every ⅔ of a window, overlapping softmaxes averaged (:func:`slide_probs`).
 * Optional test-time augmentation: ``flip`` averages the softmax of the image and of its mirror (mirrored
   back); ``scales`` runs the image resized by each factor (bilinear) and averages the softmax after
   upsampling each to the target size.
@@ -42,6 +44,42 @@ def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return out["logits"] if isinstance(out, dict) else out
 
 
+def _window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Top/left corners of windows covering ``length``: every ``stride`` pixels, the last one flush with the end."""
+    if length <= window:
+        return [0]
+    starts = list(range(0, length - window, stride))
+    return starts + [length - window]
+
+
+@torch.no_grad()
+def slide_probs(
+    model: nn.Module, images: torch.Tensor, window: Sequence[int], stride: Sequence[int]
+) -> torch.Tensor:
+    """Sliding-window softmax N×C×H×W of normalised N×3×H×W ``images`` (UniMatch's and U2PL's evaluation,
+    not DMT's): windows of ``window`` (H, W) every ``stride`` pixels, the last one flush with the border;
+    each window's logits are upsampled to the window (the model's ``align_corners``) and softmaxed, and
+    overlapping probabilities are averaged. Images smaller than a window are zero-padded at the bottom/right
+    (after normalisation) and the padding cropped off."""
+    wh, ww = (int(v) for v in window)
+    sh, sw = (max(1, int(v)) for v in stride)
+    height, width = images.shape[-2:]
+    padded = pad_bottom_right(images, (wh, ww))
+    ph, pw = padded.shape[-2:]
+    corners = model_align_corners(model)
+    total: torch.Tensor | None = None
+    count = torch.zeros(1, 1, ph, pw, device=images.device)
+    for top in _window_starts(ph, wh, sh):
+        for left in _window_starts(pw, ww, sw):
+            crop = padded[..., top : top + wh, left : left + ww]
+            probs = upsample_logits(_logits(model, crop).float(), (wh, ww), align_corners=corners).softmax(1)
+            if total is None:
+                total = probs.new_zeros(probs.shape[0], probs.shape[1], ph, pw)
+            total[..., top : top + wh, left : left + ww] += probs
+            count[..., top : top + wh, left : left + ww] += 1
+    return (total / count)[..., :height, :width]
+
+
 @torch.no_grad()
 def predict_probs(
     model: nn.Module,
@@ -51,14 +89,17 @@ def predict_probs(
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     pad_to: Sequence[int] | None = None,
+    window: Sequence[int] | None = None,
+    stride: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Softmax probabilities N×C×``out_size`` (float32) of ``model`` on normalised N×3×H×W ``images``.
 
     ``pad_to``: zero-pad the input at the bottom/right to this size first (DMT's VOC 505×505); the logits
     are upsampled to the padded size and the padding cropped off. ``scales``: resize factors of the
-    (padded) input; ``flip``: add the horizontally mirrored input. The probabilities of all passes are
-    averaged after bilinear upsampling to the (padded) input size; the result is then resized to
-    ``out_size`` (default: the input size) if that differs.
+    (padded) input; ``flip``: add the horizontally mirrored input. ``window``: run every pass as a sliding
+    window (:func:`slide_probs`, ``stride`` default ⅔ of the window) instead of on the whole image. The
+    probabilities of all passes are averaged after bilinear upsampling to the (padded) input size; the
+    result is then resized to ``out_size`` (default: the input size) if that differs.
     """
     if not scales:
         raise ValueError("scales must hold at least one factor")
@@ -66,6 +107,8 @@ def predict_probs(
     height, width = images.shape[-2:]
     padded = pad_bottom_right(images, pad_to)
     target = tuple(padded.shape[-2:])
+    if window is not None and stride is None:
+        stride = [max(1, int(v) * 2 // 3) for v in window]
     total = None
     passes = 0
     for scale in scales:
@@ -75,8 +118,10 @@ def predict_probs(
             x = F.interpolate(padded, size=size, mode="bilinear", align_corners=False)
         for mirrored in (False, True) if flip else (False,):
             inp = x.flip(-1) if mirrored else x
-            logits = upsample_logits(_logits(model, inp).float(), target, align_corners=corners)
-            probs = logits.softmax(1)
+            if window is None:
+                probs = upsample_logits(_logits(model, inp).float(), target, align_corners=corners).softmax(1)
+            else:
+                probs = upsample_logits(slide_probs(model, inp, window, stride), target, align_corners=corners)
             if mirrored:
                 probs = probs.flip(-1)
             total = probs if total is None else total + probs

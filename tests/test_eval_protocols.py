@@ -161,3 +161,49 @@ def test_cityscapes_label_id_table():
 def test_unknown_protocol_is_one_message(compose_cfg, capsys, tmp_path):
     cfg = compose_cfg("evaluate", overrides=[f"ckpt={_checkpoint(tmp_path, 10)}", "eval.protocol=official"])
     expect_user_error(evaluate, cfg, capsys, "eval.protocol=official", "dmt", "full")
+
+
+def test_sliding_window_averages_overlapping_softmaxes():
+    from dmtc.inference import slide_probs
+
+    model = _tiny_model(5)
+    torch.manual_seed(3)
+    images = torch.randn(2, 3, 20, 30)
+    # one window covering the image: the whole-image prediction
+    whole = predict_probs(model, images)
+    assert torch.allclose(slide_probs(model, images, (20, 30), (13, 20)), whole, atol=1e-6)
+    # windows 12×12 every 8: rows 0, 8; columns 0, 8, 16, 18 (the last flush with the border)
+    total, count = torch.zeros(2, 5, 20, 30), torch.zeros(20, 30)
+    for top in (0, 8):
+        for left in (0, 8, 16, 18):
+            crop = images[..., top:top + 12, left:left + 12]
+            probs = F.interpolate(model(crop)["logits"], size=(12, 12), mode="bilinear").softmax(1)
+            total[..., top:top + 12, left:left + 12] += probs
+            count[top:top + 12, left:left + 12] += 1
+    assert count.min() >= 1
+    assert torch.allclose(slide_probs(model, images, (12, 12), (8, 8)), total / count, atol=1e-5)
+    assert not torch.allclose(total / count, whole, atol=1e-3)
+    # an image smaller than the window is padded, then cropped back
+    small = slide_probs(model, images[..., :10, :10], (12, 12), (8, 8))
+    padded = F.pad(images[..., :10, :10], (0, 2, 0, 2))
+    ref = F.interpolate(model(padded)["logits"], size=(12, 12), mode="bilinear").softmax(1)[..., :10, :10]
+    assert small.shape == (2, 5, 10, 10) and torch.allclose(small, ref, atol=1e-6)
+    # predict_probs: slide with flip averages both passes; the default stride is 2/3 of the window
+    flipped = predict_probs(model, images, window=(12, 12), flip=True)
+    mirror = slide_probs(model, images.flip(-1), (12, 12), (8, 8)).flip(-1)
+    assert torch.allclose(flipped, (total / count + mirror) / 2, atol=1e-5)
+
+
+def test_slide_mode_through_evaluate(compose_cfg, capsys, tmp_path):
+    root = make_voc_tree(tmp_path / "VOCdevkit" / "VOC2012")
+    common = [f"ckpt={_checkpoint(tmp_path, 21)}", "eval.protocol=full"]
+    whole = evaluate(compose_cfg("evaluate", overrides=voc_overrides(root, *common)))
+    slide = evaluate(compose_cfg("evaluate", overrides=voc_overrides(
+        root, *common, "eval.mode=slide", "eval.slide_window=[8,8]")))
+    assert whole["eval"]["mode"] == "whole" and whole["eval"]["window"] is None
+    assert slide["eval"]["mode"] == "slide" and slide["eval"]["window"] == [8, 8] and slide["eval"]["stride"] == [5, 5]
+    assert slide["miou"] != pytest.approx(whole["miou"], abs=1e-4)
+    default = evaluate(compose_cfg("evaluate", overrides=voc_overrides(root, *common, "eval.mode=slide")))
+    assert default["eval"]["window"] == [64, 64]  # debug=smoke's training crop
+    cfg = compose_cfg("evaluate", overrides=voc_overrides(root, *common, "eval.mode=tiles"))
+    expect_user_error(evaluate, cfg, capsys, "eval.mode=tiles", "whole", "slide")
