@@ -33,7 +33,7 @@ from dmtc.data.splits import (
     strip_template,
     write_list,
 )
-from dmtc.data.transforms import ToModelInput, build_eval_transform, build_train_transform
+from dmtc.data.transforms import PAD_FILLS, ToModelInput, build_eval_transform, build_train_transform
 from dmtc.data.validation import NameSet, allowed_label_values, check_folders, check_list_files, validate_dataset
 from dmtc.errors import DMTCError
 from dmtc.models import deeplab_v2
@@ -376,6 +376,23 @@ def stack_model_inputs(transform: v2.Compose, norms: Sequence[Mapping[str, Any]]
     return v2.Compose(steps)
 
 
+def resize_options(cfg: DictConfig) -> dict[str, bool]:
+    """``{"antialias": dataset.antialias}`` for every image resize of the dataset (training, labeling,
+    evaluation, resized cache): antialiased bilinear (ours, default) or plain bilinear (the reference's
+    tensor resize: city/voc)."""
+    return {"antialias": bool(cfg.dataset.get("antialias", True))}
+
+
+def pad_fill(cfg: DictConfig) -> str:
+    """``dataset.pad_fill``: how padded image pixels look (crops, VOC's 505×505 evaluation, sliding windows):
+    ``mean`` (0 after normalisation) or ``black`` (raw 0, the reference's)."""
+    value = str(cfg.dataset.get("pad_fill") or "mean")
+    if value not in PAD_FILLS:
+        raise DMTCError(f"dataset.pad_fill={value!r}: use mean (0 after normalisation) or black (raw 0 before "
+                        "normalisation, the reference code's padding)")
+    return value
+
+
 def validate_split(cfg: DictConfig, layout: DatasetLayout, split: Split) -> None:
     """Check the split's files before training (:mod:`dmtc.data.validation`): every listed image exists,
     labeled and val images have labels, and a sample of labels holds only values of the class set."""
@@ -420,12 +437,13 @@ def build_datamodule(
 
     def train_transform(norm: Mapping[str, Any]) -> v2.Compose:
         return build_train_transform(crop_size=list(ds.crop_size), scale_range=list(ds.scale_range),
-                                     base_size=base_size, flip=ds.flip, **dict(norm))
+                                     base_size=base_size, flip=ds.flip, pad_fill=pad_fill(cfg),
+                                     **resize_options(cfg), **dict(norm))
 
     train_tf = stack_model_inputs(train_transform(norms[0]), norms)
     model_tfs = {key: train_transform(norm) for key, norm in keyed.items()} if keyed else None
     eval_base = list(ds.eval_size) if ds.get("eval_size") else None
-    eval_tf = stack_model_inputs(build_eval_transform(base_size=eval_base, **norms[0]), norms)
+    eval_tf = stack_model_inputs(build_eval_transform(base_size=eval_base, **resize_options(cfg), **norms[0]), norms)
     val_layout = layout
     if ds.get("resized_cache"):
         layout, val_layout = resized_layouts(cfg, layout, split)
@@ -464,8 +482,9 @@ def resized_layouts(cfg: DictConfig, layout: DatasetLayout, split: Split) -> tup
     if same_eval:
         names.setdefault(ds.val_subset, []).extend(split.val)
     base_dir = ds.get("resized_cache_dir") or Path(cfg.paths.cache_dir) / "resized" / str(ds.name)
-    cached = build_resized_cache(layout, names, size, cache_root(base_dir, size),
-                                 processes=int(ds.get("num_workers") or 0))
+    antialias = resize_options(cfg)["antialias"]
+    cached = build_resized_cache(layout, names, size, cache_root(base_dir, size, antialias),
+                                 processes=int(ds.get("num_workers") or 0), antialias=antialias)
     return cached, cached if same_eval else layout
 
 def _configured_weights(cfg: DictConfig, init: str) -> str | None:

@@ -37,9 +37,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from dmtc.builders import build_layout, input_normalization, prepare_dataset
+from dmtc.builders import build_layout, input_normalization, pad_fill, prepare_dataset, resize_options
 from dmtc.data.datasets import SegmentationDataset
-from dmtc.data.transforms import build_eval_transform
+from dmtc.data.transforms import build_eval_transform, pad_values
 from dmtc.errors import DMTCError
 from dmtc.export import PredictionWriter
 from dmtc.from_checkpoint import restore
@@ -101,7 +101,7 @@ def build_val_loader(cfg: DictConfig, resize: list[int] | None = None,
     ds = cfg.dataset
     names = layout.names(ds.val_subset)
     layout.check_files(ds.val_subset, names)
-    transform = build_eval_transform(base_size=resize, **(inputs or input_normalization(cfg)))
+    transform = build_eval_transform(base_size=resize, **resize_options(cfg), **(inputs or input_normalization(cfg)))
     dataset = SegmentationDataset(layout, ds.val_subset, names, transform)
     return DataLoader(
         dataset,
@@ -157,6 +157,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if settings["export_dir"]:
         writer = PredictionWriter(settings["export_dir"], cityscapes=cfg.dataset.get("label_map") == "cityscapes",
                                   num_classes=int(cfg.dataset.num_classes))
+    fill = pad_values(**restored.inputs, pad_fill=pad_fill(cfg))  # VOC's 505×505 and sliding-window padding
     device, autocast = _device_and_autocast(cfg)
     model.to(device).eval()
     metric = make_miou_metric(int(cfg.dataset.num_classes)).to(device)
@@ -171,7 +172,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             with autocast():
                 probs = predict_probs(model, images, labels.shape[-2:], scales=settings["scales"],
                                       flip=settings["flip"], pad_to=settings["pad_to"], window=settings["window"],
-                                      stride=settings["stride"])
+                                      stride=settings["stride"], pad_value=fill)
             metric.update(probs.argmax(1), labels)
             if writer is not None:
                 for i, name in enumerate(batch["name"]):
@@ -190,7 +191,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "miou": summary["miou"],
         "per_class_iou": summary["per_class_iou"],
         "num_val": len(loader.dataset),
-        "eval": {**settings, "input_init": restored.init},
+        "eval": {**settings, "input_init": restored.init, "pad_fill": pad_fill(cfg), **resize_options(cfg)},
         "model": {**restored.architecture, "checkpoint_kind": restored.kind},
         "dataset_settings": restored.dataset_source,
         "wall_time_s": round(time.perf_counter() - start, 1),

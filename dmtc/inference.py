@@ -27,16 +27,24 @@ from torch import nn
 from dmtc.models.deeplab import model_align_corners, upsample_logits
 
 
-def pad_bottom_right(images: torch.Tensor, size: Sequence[int] | None, value: float = 0.0) -> torch.Tensor:
-    """Pad N×C×H×W ``images`` at the bottom/right to at least ``size`` (H, W) with ``value``; larger
-    images are left as they are in that dimension (no cropping)."""
+def pad_bottom_right(
+    images: torch.Tensor, size: Sequence[int] | None, value: float | Sequence[float] = 0.0
+) -> torch.Tensor:
+    """Pad N×C×H×W ``images`` at the bottom/right to at least ``size`` (H, W) with ``value`` (one number, or
+    one per channel: :func:`dmtc.data.transforms.pad_values`); larger images are left as they are in that
+    dimension (no cropping)."""
     if size is None:
         return images
     height, width = images.shape[-2:]
     pad_h, pad_w = max(0, int(size[0]) - height), max(0, int(size[1]) - width)
     if pad_h == 0 and pad_w == 0:
         return images
-    return F.pad(images, (0, pad_w, 0, pad_h), value=value)
+    if isinstance(value, (int, float)):
+        return F.pad(images, (0, pad_w, 0, pad_h), value=float(value))
+    fill = torch.as_tensor(list(value), dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    out = fill.expand(images.shape[0], images.shape[1], height + pad_h, width + pad_w).clone()
+    out[..., :height, :width] = images
+    return out
 
 
 def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -54,17 +62,18 @@ def _window_starts(length: int, window: int, stride: int) -> list[int]:
 
 @torch.no_grad()
 def slide_probs(
-    model: nn.Module, images: torch.Tensor, window: Sequence[int], stride: Sequence[int]
+    model: nn.Module, images: torch.Tensor, window: Sequence[int], stride: Sequence[int],
+    pad_value: float | Sequence[float] = 0.0,
 ) -> torch.Tensor:
     """Sliding-window softmax N×C×H×W of normalised N×3×H×W ``images`` (UniMatch's and U2PL's evaluation,
     not DMT's): windows of ``window`` (H, W) every ``stride`` pixels, the last one flush with the border;
     each window's logits are upsampled to the window (the model's ``align_corners``) and softmaxed, and
-    overlapping probabilities are averaged. Images smaller than a window are zero-padded at the bottom/right
-    (after normalisation) and the padding cropped off."""
+    overlapping probabilities are averaged. Images smaller than a window are padded at the bottom/right with
+    ``pad_value`` and the padding cropped off."""
     wh, ww = (int(v) for v in window)
     sh, sw = (max(1, int(v)) for v in stride)
     height, width = images.shape[-2:]
-    padded = pad_bottom_right(images, (wh, ww))
+    padded = pad_bottom_right(images, (wh, ww), pad_value)
     ph, pw = padded.shape[-2:]
     corners = model_align_corners(model)
     total: torch.Tensor | None = None
@@ -91,11 +100,13 @@ def predict_probs(
     pad_to: Sequence[int] | None = None,
     window: Sequence[int] | None = None,
     stride: Sequence[int] | None = None,
+    pad_value: float | Sequence[float] = 0.0,
 ) -> torch.Tensor:
     """Softmax probabilities N×C×``out_size`` (float32) of ``model`` on normalised N×3×H×W ``images``.
 
-    ``pad_to``: zero-pad the input at the bottom/right to this size first (DMT's VOC 505×505); the logits
-    are upsampled to the padded size and the padding cropped off. ``scales``: resize factors of the
+    ``pad_to``: pad the input at the bottom/right to this size first (DMT's VOC 505×505) with ``pad_value``
+    (per channel: the reference pads raw black, :func:`dmtc.data.transforms.pad_values`); the logits are
+    upsampled to the padded size and the padding cropped off. ``scales``: resize factors of the
     (padded) input; ``flip``: add the horizontally mirrored input. ``window``: run every pass as a sliding
     window (:func:`slide_probs`, ``stride`` default ⅔ of the window) instead of on the whole image. The
     probabilities of all passes are averaged after bilinear upsampling to the (padded) input size; the
@@ -105,7 +116,7 @@ def predict_probs(
         raise ValueError("scales must hold at least one factor")
     corners = model_align_corners(model)
     height, width = images.shape[-2:]
-    padded = pad_bottom_right(images, pad_to)
+    padded = pad_bottom_right(images, pad_to, pad_value)
     target = tuple(padded.shape[-2:])
     if window is not None and stride is None:
         stride = [max(1, int(v) * 2 // 3) for v in window]
@@ -121,7 +132,8 @@ def predict_probs(
             if window is None:
                 probs = upsample_logits(_logits(model, inp).float(), target, align_corners=corners).softmax(1)
             else:
-                probs = upsample_logits(slide_probs(model, inp, window, stride), target, align_corners=corners)
+                probs = upsample_logits(slide_probs(model, inp, window, stride, pad_value), target,
+                                        align_corners=corners)
             if mirrored:
                 probs = probs.flip(-1)
             total = probs if total is None else total + probs

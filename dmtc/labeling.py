@@ -79,10 +79,10 @@ def _barrier() -> None:
 def labeling_transform(cfg: DictConfig, inputs: Mapping[str, Any] | None = None) -> Any:
     """Evaluation normalisation (``inputs``, default the config's ``backbone.init`` pipeline) at the training
     base size (labels are made where training crops)."""
-    from dmtc.builders import input_normalization
+    from dmtc.builders import input_normalization, resize_options
 
     base = list(cfg.dataset.base_size) if cfg.dataset.get("base_size") else None
-    return build_eval_transform(base_size=base, **dict(inputs or input_normalization(cfg)))
+    return build_eval_transform(base_size=base, **resize_options(cfg), **dict(inputs or input_normalization(cfg)))
 
 
 def label_images(

@@ -61,6 +61,7 @@ from dmtc.builders import (
     build_model,
     build_trainer,
     input_normalization,
+    resize_options,
     resolve_split,
     run_record,
     stacks_inputs,
@@ -454,7 +455,7 @@ def _label_phase(ctx: _Context, phase: Phase, prev: dict[str, Any]) -> tuple[dic
     for key in PAIR:
         # evaluation normalisation of the model's own init, at the training base size (labels are made
         # where training crops); = dmtc.labeling.labeling_transform for the config's own init
-        transform = build_eval_transform(base_size=base_size, **ctx.norms[key])
+        transform = build_eval_transform(base_size=base_size, **resize_options(cfg), **ctx.norms[key])
         store, hist, reused = label_images(
             ctx.models[key], ctx.layout, ctx.split.unlabeled_subset, ctx.split.unlabeled, phase_dir / f"pseudo_{key}",
             meta={"model": key, "source": prev["checkpoints"][key], "phase": phase.index},

@@ -140,3 +140,45 @@ def test_phase_validates_every_n_steps_and_after_the_last(compose_cfg):
     # Lightning logs a validation inside fit at global_step - 1: steps 4 and 8, then the last step (10, off
     # the grid), then the phase's re-validation of its best checkpoints at its end
     assert steps == [3, 7, 9, 10], steps
+
+
+def test_black_padding_and_plain_bilinear_as_the_reference():
+    from torchvision import tv_tensors
+
+    from dmtc.data.transforms import build_train_transform, pad_values
+    from dmtc.inference import pad_bottom_right
+
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    image = tv_tensors.Image(torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8))
+    label = tv_tensors.Mask(torch.zeros(20, 30, dtype=torch.uint8))
+    common = {"crop_size": [40, 50], "scale_range": [1.0, 1.0], "mean": mean, "std": std, "flip": False}
+    for fill, expected in (("mean", [0.0, 0.0, 0.0]), ("black", [-m / s for m, s in zip(mean, std)])):
+        torch.manual_seed(0)
+        out, lab = build_train_transform(pad_fill=fill, **common)(image, label)
+        padded = lab == 255
+        assert padded.sum() == 40 * 50 - 20 * 30
+        for c in range(3):
+            assert torch.allclose(out[c][padded], torch.tensor(expected[c]), atol=1e-6)
+        assert pad_values(mean, std, fill) == pytest.approx(expected)
+        # the image part is normalised the same either way
+        torch.manual_seed(0)
+        ref, _ = build_train_transform(pad_fill="mean", **common)(image, label)
+        assert torch.allclose(out[:, ~padded], ref[:, ~padded], atol=1e-6)
+    # evaluation padding per channel (VOC's 505x505 under the reference: raw black)
+    x = torch.randn(1, 3, 4, 5)
+    padded = pad_bottom_right(x, (6, 7), [1.0, 2.0, 3.0])
+    assert torch.equal(padded[..., :4, :5], x) and torch.all(padded[0, 2, 4:] == 3.0)
+    # plain bilinear vs antialiased downscaling differ
+    big = {**common, "crop_size": [10, 15], "base_size": [10, 15]}
+    plain, _ = build_train_transform(antialias=False, **big)(image, label)
+    smooth, _ = build_train_transform(antialias=True, **big)(image, label)
+    assert plain.shape == smooth.shape and not torch.allclose(plain, smooth, atol=1e-3)
+
+
+@pytest.mark.parametrize("dataset, antialias, fill", [("city", False, "black"), ("voc", False, "black"),
+                                                      (None, True, "mean")])
+def test_protocols_select_padding_and_resizing(compose_cfg, dataset, antialias, fill):
+    from dmtc.builders import pad_fill, resize_options
+
+    cfg = compose_cfg("train", [f"dataset={dataset}"] if dataset else [])
+    assert resize_options(cfg) == {"antialias": antialias} and pad_fill(cfg) == fill

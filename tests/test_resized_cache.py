@@ -62,10 +62,11 @@ def cache_files(root: Path) -> dict[Path, int]:
 def test_cache_is_built_once_with_exact_labels(compose_cfg, city_root, tmp_path):
     cfg = compose_cfg(overrides=overrides(city_root, "dataset.resized_cache=true"))
     datamodule, split = build_datamodule(cfg)
-    root = Path(cfg.dataset.resized_cache_dir) / f"{BASE[0]}x{BASE[1]}"
+    # city resizes as the reference code (plain bilinear): the cache says so in its folder name and manifest
+    root = Path(cfg.dataset.resized_cache_dir) / f"{BASE[0]}x{BASE[1]}-bilinear"
     assert root.is_relative_to(tmp_path / "cache") and datamodule.layout.root == root
     manifest = json.loads((root / MANIFEST).read_text())
-    assert manifest["count"] == 10 + 3 and manifest["size"] == list(BASE)
+    assert manifest["count"] == 10 + 3 and manifest["size"] == list(BASE) and manifest["antialias"] is False
     assert manifest["source_root"] == str(city_root.resolve())
     source = build_layout(cfg)
     for subset, names in (("train", split.labeled + split.unlabeled), ("val", split.val)):
@@ -146,7 +147,8 @@ def test_read_only_root_and_worker_pool(compose_cfg, city_root, tmp_path):
         assert sorted(city_root.rglob("*")) == before
         # the same cache built by two worker processes is byte-identical to the in-process one
         names = {"train": split.labeled + split.unlabeled, "val": split.val}
-        pooled = build_resized_cache(build_layout(cfg), names, BASE, tmp_path / "pooled", processes=2)
+        pooled = build_resized_cache(build_layout(cfg), names, BASE, tmp_path / "pooled", processes=2,
+                                     antialias=cfg.dataset.antialias)
         for subset, subset_names in names.items():
             for name in subset_names:
                 for path in ("image_path", "label_path"):

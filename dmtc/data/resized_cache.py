@@ -9,7 +9,7 @@ the transform's base resize becomes a no-op (torchvision returns an input alread
 
 What is stored, and why it is exact:
 
-* images: ``v2.Resize(base_size, antialias=True)`` (bilinear) on the decoded RGB image, the very call the
+* images: ``v2.Resize(base_size, antialias=dataset.antialias)`` (bilinear) on the decoded RGB image, the very call the
   training transform makes, written losslessly: a cached sample is bit-identical to an uncached one.
 * labels: the same call on the *raw* label ids (nearest, as v2 always resizes masks), so
   ``dataset.label_map`` still applies when reading and the void ids are kept.
@@ -62,11 +62,13 @@ class _Task:
     label_src: str | None
     label_dst: str | None
     size: tuple[int, int]
+    antialias: bool = True
 
 
-def cache_root(base_dir: Path | str, size: Sequence[int]) -> Path:
-    """Folder of the cache at ``size`` (H, W) under ``base_dir`` (``dataset.resized_cache_dir``)."""
-    return Path(base_dir) / f"{int(size[0])}x{int(size[1])}"
+def cache_root(base_dir: Path | str, size: Sequence[int], antialias: bool = True) -> Path:
+    """Folder of the cache at ``size`` (H, W) under ``base_dir`` (``dataset.resized_cache_dir``):
+    ``<H>x<W>`` for antialiased resizing, ``<H>x<W>-bilinear`` for plain bilinear (the reference's)."""
+    return Path(base_dir) / (f"{int(size[0])}x{int(size[1])}" + ("" if antialias else "-bilinear"))
 
 
 def _png_template(template: str) -> str:
@@ -88,12 +90,13 @@ def cached_layout(layout: DatasetLayout, root: Path) -> DatasetLayout:
 
 
 def resize_sample(
-    image: np.ndarray, label: np.ndarray | None, size: Sequence[int]
+    image: np.ndarray, label: np.ndarray | None, size: Sequence[int], antialias: bool = True
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Resize an RGB uint8 image (bilinear, antialiased) and an optional raw label (nearest) to ``size``
-    with the training transform's own call, so cached and uncached samples are identical."""
+    """Resize an RGB uint8 image (bilinear, antialiased unless ``antialias=False``) and an optional raw label
+    (nearest) to ``size`` with the training transform's own call, so cached and uncached samples are
+    identical."""
     image_t = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))
-    resize = v2.Resize(list(size), antialias=True)
+    resize = v2.Resize(list(size), antialias=antialias)
     if label is None:
         return resize(image_t).permute(1, 2, 0).numpy(), None
     out_image, out_label = resize(image_t, tv_tensors.Mask(torch.from_numpy(label)))
@@ -116,7 +119,7 @@ def _build_one(task: _Task) -> int:
     if label is not None and label.shape != image.shape[:2]:
         raise DMTCError(f"label {task.label_src} is {label.shape[1]}×{label.shape[0]} but its image is "
                         f"{image.shape[1]}×{image.shape[0]}: image and label must have the same size")
-    small, small_label = resize_sample(image, label, task.size)
+    small, small_label = resize_sample(image, label, task.size, task.antialias)
     _write_png(Path(task.image_dst), small, bgr_from_rgb=True)
     if small_label is not None:
         _write_png(Path(task.label_dst), small_label, bgr_from_rgb=False)
@@ -149,6 +152,7 @@ def build_resized_cache(
     root: Path | str,
     *,
     processes: int = 2,
+    antialias: bool = True,
 ) -> DatasetLayout:
     """Make sure the cache at ``root`` holds every ``names[subset]`` sample of ``layout`` resized to
     ``size`` (H, W); build what is missing or stale with ``processes`` worker processes (≤ 1: in this
@@ -160,7 +164,8 @@ def build_resized_cache(
     source_root = str(layout.root.resolve())
     manifest = _read_manifest(root)
     same_source = (manifest is not None and manifest.get("version") == VERSION
-                   and manifest.get("source_root") == source_root and list(manifest.get("size", [])) == list(size))
+                   and manifest.get("source_root") == source_root and list(manifest.get("size", [])) == list(size)
+                   and bool(manifest.get("antialias", True)) == bool(antialias))
     other_source = manifest is not None and not same_source  # no manifest = interrupted: files are checked
     if other_source:
         log.warning("resized cache %s was built from %s at %s: rebuilding it from %s at %s", root,
@@ -175,7 +180,7 @@ def build_resized_cache(
                      or (has_label and not _fresh(label_dst, label_src)))
             if stale:
                 tasks.append(_Task(str(image_src), str(image_dst), str(label_src) if has_label else None,
-                                   str(label_dst) if has_label else None, size))
+                                   str(label_dst) if has_label else None, size, bool(antialias)))
     known = {s: set(v) for s, v in (manifest or {}).get("names", {}).items()} if same_source else {}
     if not tasks and all(set(v) <= known.get(s, set()) for s, v in wanted.items()):
         log.info("resized cache %s is complete (%d samples at %dx%d)", root, sum(map(len, wanted.values())), *size)
@@ -187,9 +192,10 @@ def build_resized_cache(
         "version": VERSION,
         "source_root": source_root,
         "size": list(size),
+        "antialias": bool(antialias),
         "count": sum(map(len, merged.values())),
         "names": merged,
-        "images": "torchvision v2.Resize(size, antialias=True) of the RGB image (bilinear), PNG",
+        "images": f"torchvision v2.Resize(size, antialias={bool(antialias)}) of the RGB image (bilinear), PNG",
         "labels": "raw label ids (dataset.label_map applies on reading), nearest, PNG",
     }
     tmp = root / f".{MANIFEST}.{os.getpid()}.tmp"

@@ -4,7 +4,8 @@ Images travel as ``tv_tensors.Image`` and labels as ``tv_tensors.Mask``, so ever
 applied to both with the right interpolation (labels always nearest, never interpolated). Training follows
 DeepLab/DMT augmentation (DMT §4.1): optional base resize (Cityscapes 512×1024), random scale in
 ``scale_range``, normalisation, random crop padded with 0 for the (normalised) image and 255 (ignore) for
-the label, horizontal flip.
+the label, horizontal flip. ``pad_fill="black"`` normalises last, so the image padding is raw black as in
+the reference code; ``antialias=False`` resizes with plain bilinear as the reference's tensor resize.
 """
 
 from __future__ import annotations
@@ -20,14 +21,21 @@ from torchvision.transforms.v2 import functional as F
 IGNORE_INDEX = 255
 
 
-class RandomScale(v2.Transform):
-    """Resize image and mask by one random factor ``s ~ U(low, high)`` (image bilinear, mask nearest)."""
+PAD_FILLS = ("mean", "black")
+"""Crop padding of the image: ``mean`` = 0 after normalisation (the mean colour), ``black`` = 0 before it
+(the reference DMT code pads the raw image with zeros, then normalises)."""
 
-    def __init__(self, low: float, high: float) -> None:
+
+class RandomScale(v2.Transform):
+    """Resize image and mask by one random factor ``s ~ U(low, high)`` (image bilinear, antialiased when
+    downscaling unless ``antialias=False``; mask nearest)."""
+
+    def __init__(self, low: float, high: float, antialias: bool = True) -> None:
         super().__init__()
         if not 0 < low <= high:
             raise ValueError(f"scale range must satisfy 0 < low <= high, got ({low}, {high})")
         self.low, self.high = float(low), float(high)
+        self.antialias = bool(antialias)
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:  # noqa: D102
         height, width = v2.query_size(flat_inputs)
@@ -35,7 +43,7 @@ class RandomScale(v2.Transform):
         return {"size": [max(1, round(height * scale)), max(1, round(width * scale))]}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:  # noqa: D102
-        return F.resize(inpt, params["size"], antialias=True)
+        return F.resize(inpt, params["size"], antialias=self.antialias)
 
 
 class ToModelInput(v2.Transform):
@@ -75,18 +83,31 @@ def build_train_transform(
     flip: bool = True,
     bgr: bool = False,
     value_scale: float = 1 / 255,
+    antialias: bool = True,
+    pad_fill: str = "mean",
 ) -> v2.Compose:
-    """Training transform: [base resize] → random scale → normalise → crop (pad 0 / 255) → flip."""
+    """Training transform: [base resize] → random scale → normalise → crop (pad 0 / 255) → flip.
+
+    ``antialias``: antialiased bilinear downscaling (ours) or plain bilinear (the reference code's tensor
+    resize). ``pad_fill="black"`` normalises after the crop and flip instead, so crop padding is raw 0
+    (black) as in the reference code; ``"mean"`` pads the normalised image with 0 (the mean colour).
+    """
+    if pad_fill not in PAD_FILLS:
+        raise ValueError(f"pad_fill must be one of {PAD_FILLS}, got {pad_fill!r}")
     steps: list[v2.Transform] = []
     if base_size is not None:
-        steps.append(v2.Resize(list(base_size), antialias=True))
-    steps.append(RandomScale(*scale_range))
-    steps.append(ToModelInput(mean, std, bgr=bgr, value_scale=value_scale))
+        steps.append(v2.Resize(list(base_size), antialias=antialias))
+    steps.append(RandomScale(*scale_range, antialias=antialias))
+    normalise = ToModelInput(mean, std, bgr=bgr, value_scale=value_scale)
+    if pad_fill == "mean":
+        steps.append(normalise)
     steps.append(
-        v2.RandomCrop(list(crop_size), pad_if_needed=True, fill={tv_tensors.Image: 0.0, tv_tensors.Mask: IGNORE_INDEX})
+        v2.RandomCrop(list(crop_size), pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX})
     )
     if flip:
         steps.append(v2.RandomHorizontalFlip())
+    if pad_fill == "black":
+        steps.append(normalise)
     return v2.Compose(steps)
 
 
@@ -97,10 +118,19 @@ def build_eval_transform(
     base_size: Sequence[int] | None = None,
     bgr: bool = False,
     value_scale: float = 1 / 255,
+    antialias: bool = True,
 ) -> v2.Compose:
-    """Evaluation transform: [base resize (labels nearest)] → normalise; no randomness."""
+    """Evaluation transform: [base resize (labels nearest; ``antialias`` as in training)] → normalise."""
     steps: list[v2.Transform] = []
     if base_size is not None:
-        steps.append(v2.Resize(list(base_size), antialias=True))
+        steps.append(v2.Resize(list(base_size), antialias=antialias))
     steps.append(ToModelInput(mean, std, bgr=bgr, value_scale=value_scale))
     return v2.Compose(steps)
+
+
+def pad_values(mean: Sequence[float], std: Sequence[float], pad_fill: str = "mean", **_: object) -> list[float]:
+    """Per-channel value of a padded pixel in normalised space: 0 (``mean``) or raw 0 normalised,
+    ``-mean / std`` (``black``, the reference's zero padding before normalisation)."""
+    if pad_fill == "black":
+        return [-float(m) / float(s) for m, s in zip(mean, std)]
+    return [0.0] * len(mean)
