@@ -67,6 +67,7 @@ class ContrastiveSettings:
     bank_size: int = 0
     bank_per_class_per_step: int = 64
     bank_prototypes: bool = False
+    raw_prototypes: bool = False
 
     def __post_init__(self) -> None:
         if self.resolution not in ("feature", "crop"):
@@ -345,7 +346,7 @@ class MutualTrainingModule(SegmentationModule):
             features, labels_k, valid_k, probs_k, strong_threshold=settings.strong_threshold,
             temperature=settings.temperature, num_queries=settings.num_queries,
             num_negatives=settings.num_negatives, memory=bank, shared_negatives=settings.shared_negatives,
-            bank_prototypes=settings.bank_prototypes,
+            bank_prototypes=settings.bank_prototypes, raw_prototypes=settings.raw_prototypes,
         )
         bs = labels.shape[0]
         self.log(f"train/{key}/contrastive", loss.detach(), batch_size=bs)

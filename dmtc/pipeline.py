@@ -340,7 +340,7 @@ def contrastive_settings(cfg: DictConfig, phase: Phase) -> ContrastiveSettings |
             temperature=float(c.temperature), num_queries=int(c.num_queries), num_negatives=int(c.num_negatives),
             shared_negatives=bool(c.get("shared_negatives", True)), resolution=str(c.resolution),
             bank_size=int(c.bank_size), bank_per_class_per_step=int(c.bank_per_class_per_step),
-            bank_prototypes=bool(c.bank_prototypes),
+            bank_prototypes=bool(c.bank_prototypes), raw_prototypes=bool(c.get("raw_prototypes", False)),
         )
     except ValueError as err:
         raise DMTCError(f"method.contrastive: {err}") from err

@@ -319,6 +319,19 @@ def test_bank_prototypes_average_batch_and_bank():
     torch.testing.assert_close(batch_only.positive, protos[batch_only.anchor_class])
 
 
+def test_raw_prototypes_are_the_mean_of_raw_features_as_reco():
+    features, labels, valid, probs = make_batch(seed=16)
+    features = features * torch.rand(features.shape[0], 1, *features.shape[2:]) * 5  # norms differ per pixel
+    raw = sample_reco(features, labels, valid, probs, num_queries=4, num_negatives=4, generator=gen(3),
+                      raw_prototypes=True)
+    unit = sample_reco(features, labels, valid, probs, num_queries=4, num_negatives=4, generator=gen(3))
+    f = features.detach().permute(0, 2, 3, 1)[valid]
+    lab = labels[valid]
+    for a, c in enumerate(raw.anchor_class.tolist()):  # cosine keys: the normalised mean of raw features
+        torch.testing.assert_close(raw.positive[a], F.normalize(f[lab == c].mean(0), dim=0))
+    assert not torch.allclose(raw.positive, unit.positive, atol=1e-4)
+
+
 # ------------------------------------------------------------------ misc
 def test_same_generator_seed_is_reproducible_and_seeds_differ():
     features, labels, valid, probs = make_batch(seed=15)

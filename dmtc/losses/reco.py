@@ -12,7 +12,8 @@ The loss, for features ``f`` (L2-normalised along D, so every dot product below 
   this implementation never looks at an invalid pixel.)
 * **Prototypes.** ``p_c = normalise(mean_{valid i of class c} f_i)`` — the mean of the *normalised*
   features (ReCo averages the raw head outputs; we normalise first so that batch features and the memory
-  bank's unit vectors can be averaged together). With a bank and ``bank_prototypes=True`` the mean runs
+  bank's unit vectors can be averaged together; ``raw_prototypes=True`` averages the raw batch features as
+  ReCo/DMTC do). With a bank and ``bank_prototypes=True`` the mean runs
   over batch ∪ bank features of the class; otherwise over the batch (bank-only classes use the bank mean).
 * **Queries.** For every class c present among valid batch pixels, Q anchors ``q`` are drawn uniformly
   *with replacement* among c's hard pixels: valid, labeled c, with ``probs[c] < strong_threshold``.
@@ -191,6 +192,7 @@ def sample_reco(
     shared_negatives: bool = True,
     generator: torch.Generator | None = None,
     bank_prototypes: bool = False,
+    raw_prototypes: bool = False,
 ) -> RecoSample | None:
     """Draw ReCo's anchors and negative keys (see the module docstring); ``None`` when the loss is 0.
 
@@ -246,7 +248,7 @@ def sample_reco(
     # Prototypes: normalise(Σ f_i/‖f_i‖) over the class's valid pixels (and bank entries), as one
     # matmul of a C×(N·h·w) weight matrix (1/‖f_i‖ at (label_i, i), 0 elsewhere) with the features.
     weight = torch.zeros(num_classes, n * hw, device=device)
-    weight[lab, pix] = pixel_inv_norm[pix]
+    weight[lab, pix] = 1.0 if raw_prototypes else pixel_inv_norm[pix]  # ReCo/DMTC: the raw features' mean
     sum_batch = weight @ pixel_features  # C×D
     if bank_slots.numel():
         bank_cube = bank_features.view(num_classes, bank_k, dim).float()
@@ -428,6 +430,7 @@ def reco_loss(
     shared_negatives: bool = True,
     generator: torch.Generator | None = None,
     bank_prototypes: bool = False,
+    raw_prototypes: bool = False,
 ) -> Tensor:
     """Regional contrastive loss (ReCo, Liu et al., ICLR 2022) as in DMTC; see the module docstring.
 
@@ -444,6 +447,7 @@ def reco_loss(
         shared_negatives: share a class's M negatives among its queries (default) or draw per query.
         generator: torch.Generator on the features' device for all sampling.
         bank_prototypes: prototypes from batch ∪ bank instead of the batch alone.
+        raw_prototypes: prototypes from the mean of the raw (unnormalised) batch features, as ReCo/DMTC.
 
     Returns:
         A float32 scalar; 0 (with a zero-gradient path to ``features``) if fewer than two classes are
@@ -451,7 +455,7 @@ def reco_loss(
     """
     sample = sample_reco(
         features, labels, valid, probs, strong_threshold, temperature, num_queries, num_negatives,
-        memory, shared_negatives, generator, bank_prototypes,
+        memory, shared_negatives, generator, bank_prototypes, raw_prototypes,
     )
     if sample is None:
         return _zero_with_grad_path(features)
