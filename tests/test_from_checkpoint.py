@@ -169,3 +169,19 @@ def test_folder_run_evaluates_with_its_dataset_from_the_checkpoint(tmp_path):
     evaluated = json.loads(evaluated_file.read_text())
     assert evaluated["dataset"] == "folder" and set(evaluated["per_class_iou"]) == {"bg", "left", "right"}
     assert evaluated["num_val"] == 4 and "recorded in" in evaluated["dataset_settings"]
+
+
+def test_city_smoke_checkpoint_evaluates_under_the_full_config(compose_cfg, tmp_path):
+    """evaluate.py dataset=city ckpt=<a debug=smoke checkpoint> without debug=smoke (so the config says
+    resnet101): the checkpoint's resnet_tiny is rebuilt, not refused."""
+    root = make_city_tree(tmp_path / "cityscapes")
+    results = train(compose_cfg(overrides=city_overrides(root, "method=dmt", "method.ratios=[1.0]",
+                                                         "trainer.limit_val_batches=null")))
+    ckpt = results["checkpoints"]["a"]
+    # dataset=city on the command line: the city config, not the smoke run's record (smoke evaluated at the
+    # stored size, hence dataset.eval_size=null to compare with the run's own validation)
+    cfg = compose_cfg("evaluate", overrides=city_overrides(root, "~debug", f"ckpt={ckpt}", "dataset.eval_size=null"))
+    assert cfg.backbone.name == "resnet101"
+    evaluated = evaluate(cfg)
+    assert evaluated["model"]["backbone"] == "resnet_tiny" and evaluated["num_val"] == 4
+    assert evaluated["miou"] == pytest.approx(results["phases"][-1]["val"]["a"]["miou"], abs=1e-3)
