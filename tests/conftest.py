@@ -77,3 +77,47 @@ def expect_user_error(fn, cfg, capsys, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in err, err
     return err
+
+
+def read_wandb_records(path: Path) -> list:
+    """The protobuf records of a W&B offline transaction log ``run-<id>.wandb``: a 7-byte header (``:W&B``,
+    magic, version), then leveldb-style 32 KiB blocks of chunks (crc32, uint16 length, type: 1 full, 2
+    first, 3 middle, 4 last). Tests read what a run logged with it (the SDK has no Python reader)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    block, pos, records, pending = 32768, 7, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # no room for a chunk header: the rest of the block is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            continue
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def wandb_history(run_dir: Path) -> list[dict]:
+    """``{key: value}`` of every history record of an offline W&B run folder (Lightning's WandbLogger logs
+    its step as ``trainer/global_step``)."""
+    import json as _json
+
+    (log,) = Path(run_dir).glob("run-*.wandb")
+    rows = []
+    for record in read_wandb_records(log):
+        if record.WhichOneof("record_type") == "history":
+            items = record.history.item
+            row = {(item.key or "/".join(item.nested_key)): _json.loads(item.value_json) for item in items}
+            rows.append(row)
+    return rows

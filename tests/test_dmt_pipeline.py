@@ -25,38 +25,43 @@ from dmtc.pseudo_labels import PseudoLabelStore, decode_score, score_to_confiden
 from dmtc.training import train
 
 DMT = ["method=dmt", "method.ratios=[0.5,1.0]", "method.phase.epochs=1"]
+DONE_FILE = "done.json"
 
 
 def _dmt_overrides(tmp: Path) -> list[str]:
     return [*tiny_run_overrides(tmp), *DMT, f"hydra.run.dir={tmp / 'run'}"]
 
 
-def test_two_phases_resume_after_kill(tmp_path):
-    """train.py method=dmt killed (-9) once phase 1 has started, rerun: the finished warm-up is not retrained,
-    results.json is complete, global_step == batches per phase and logged steps never restart."""
+def _popen(tmp: Path, overrides: list[str]) -> subprocess.Popen:
+    path = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled", PYTHONPATH=path)
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *overrides], cwd=tmp, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_kill_mid_phase_resumes_from_the_phases_last_checkpoint(tmp_path):
+    """train.py method=dmt killed (-9) at step 6 of phase 1 (2 epochs of 4 batches; last.ckpt after epoch 1 at
+    step 4), rerun: the finished warm-up is not retrained, phase 1 resumes from its step-4 last.ckpt (not from
+    the phase start), results.json is complete, global_step == batches per phase and logged steps never go
+    back."""
     run = tmp_path / "run"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *_dmt_overrides(tmp_path)], cwd=tmp_path,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while not (run / "phase1_r0.5" / "pseudo_a").exists():
-            assert proc.poll() is None, "train.py ended before phase 1 started"
-            assert time.monotonic() < deadline, "phase 1 never started"
-            time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert not (run / "results.json").exists()
-    warmup_done = run / "phase0_warmup" / "done.json"
-    assert warmup_done.is_file()
+    overrides = [*_dmt_overrides(tmp_path), "method.phase.epochs=2"]
+    killer = ["+callbacks.kill._target_=test_loggers.KillAtStep", "+callbacks.kill.step=6",
+              "+callbacks.kill.stage=mutual"]
+    proc = _popen(tmp_path, [*overrides, *killer])
+    assert proc.wait(timeout=240) == -signal.SIGKILL
+    assert not (run / "results.json").exists() and not (run / "phase1_r0.5" / DONE_FILE).exists()
+    last = torch.load(run / "phase1_r0.5" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 4  # the validation after epoch 1
+    warmup_done = run / "phase0_warmup" / DONE_FILE
     mtime = warmup_done.stat().st_mtime_ns
     warmup_ckpts = {p.name: p.stat().st_mtime_ns for p in (run / "phase0_warmup" / "checkpoints").iterdir()}
 
-    rerun = run_script("train.py", _dmt_overrides(tmp_path), cwd=tmp_path)
+    rerun = run_script("train.py", overrides, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     log = rerun.stdout + rerun.stderr
     assert "phase0_warmup finished earlier: skipping it" in log
+    assert "phase1_r0.5: resuming from" in log and "reusing complete pseudo-label store" in log
     assert warmup_done.stat().st_mtime_ns == mtime
     assert {p.name: p.stat().st_mtime_ns for p in (run / "phase0_warmup" / "checkpoints").iterdir()} == warmup_ckpts
 
@@ -68,17 +73,48 @@ def test_two_phases_resume_after_kill(tmp_path):
     for phase in results["phases"]:
         assert set(phase["val"]) == {"a", "b", "ens"}
     # global_step counts batches (one optimizer step for the pair): 5 labeled // batch 2 = 2 warm-up
-    # batches; phases are capped at limit_train_batches=4.
-    assert [p["steps"] for p in results["phases"]] == [2, 4, 4] and results["steps"] == 10
+    # batches; phases: 2 epochs capped at limit_train_batches=4
+    assert [p["steps"] for p in results["phases"]] == [2, 8, 8] and results["steps"] == 18
     pseudo = results["phases"][1]["pseudo"]["a"]
     assert pseudo["ratio"] == 0.5 and 0.5 <= pseudo["kept_fraction"] < 0.6
     assert set(pseudo["classes"]["background"]) == {"predicted", "kept", "threshold", "threshold_score"}
     assert "quality" in pseudo and results["phases"][2]["pseudo"]["b"]["kept_fraction"] == 1.0
     assert "DMT synthetic" in rerun.stdout and "warm-up" in rerun.stdout
-    # one CSV log across phases (the rerun's logger), its step axis never going back
+    # one CSV log across phases and attempts, its step axis never going back, each training step once
     with open(run / "csv" / "metrics.csv", newline="") as f:
-        steps = [int(r["step"]) for r in csv.DictReader(f)]
-    assert steps == sorted(steps) and max(steps) >= 8
+        rows = list(csv.DictReader(f))
+    steps = [int(r["step"]) for r in rows]
+    assert steps == sorted(steps) and max(steps) >= 16
+    trained = [int(r["step"]) for r in rows if r.get("train/a/loss")]
+    assert len(trained) == len(set(trained))
+
+
+def test_kill_during_labeling_reuses_the_finished_store_and_redoes_the_other(tmp_path):
+    """Killed while model B labels (A's store finished, B's half written), rerun: A's store is reused as it
+    is, B's (no manifest) is cleared and rewritten, and the run completes."""
+    run = tmp_path / "run"
+    overrides = [*_dmt_overrides(tmp_path), "method.ratios=[1.0]"]
+    proc = _popen(tmp_path, overrides)
+    store_a, store_b = run / "phase1_r1" / "pseudo_a", run / "phase1_r1" / "pseudo_b"
+    try:
+        deadline = time.monotonic() + 240
+        while not any((store_b / "label").glob("*.png")):  # B's store has started (A's is finalized)
+            assert proc.poll() is None, "train.py ended before model B labeled anything"
+            assert time.monotonic() < deadline, "labeling by model B never started"
+            time.sleep(0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert (store_a / "manifest.json").is_file() and not (store_b / "manifest.json").exists()
+    a_files = {p: p.stat().st_mtime_ns for p in store_a.rglob("*") if p.is_file()}
+    rerun = run_script("train.py", overrides, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    log = rerun.stdout + rerun.stderr
+    assert f"reusing complete pseudo-label store {store_a}" in log
+    assert f"pseudo-label store {store_b} is incomplete or stale: rewriting it" in log
+    assert {p: p.stat().st_mtime_ns for p in store_a.rglob("*") if p.is_file()} == a_files
+    assert PseudoLabelStore(store_b).is_complete({"model": "b"})
+    assert json.loads((run / "results.json").read_text())["phases"][1]["pseudo"]["b"]["num_images"] == 35
 
 
 def _tiny_cfg(compose_cfg, *extra: str):

@@ -43,7 +43,14 @@ def test_basicblock_dilation_follows_torchvision_bottleneck_rule():
 
 
 def test_parameter_count_resnet101_19_classes():
-    assert _n_params(deeplab_v2(19, "resnet101")) == 43_901_068
+    # torchvision's ResNet-101 without its fc layer + four 3×3 ASPP convs 2048 → 19 with bias (two for the
+    # released model)
+    import torchvision
+
+    backbone = sum(p.numel() for n, p in torchvision.models.resnet101().named_parameters() if not n.startswith("fc."))
+    branch = 2048 * 19 * 3 * 3 + 19
+    assert _n_params(deeplab_v2(19, "resnet101")) == backbone + 4 * branch == 43_901_068
+    assert _n_params(deeplab_v2(19, "resnet101", aspp_dilations=(6, 12))) == backbone + 2 * branch
 
 
 def test_head_init_and_unknown_backbone():

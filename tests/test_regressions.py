@@ -232,7 +232,8 @@ def test_segmentation_module_single_model_targets():
 
 
 def test_ddp_runs_two_ranks(tmp_path):
-    """strategy=ddp trainer.devices=2 really trains on two processes (each rank reports world size 2)."""
+    """strategy=ddp trainer.devices=2 really trains on two processes (each rank reports world size 2), and
+    only rank 0 keeps the logs: one W&B run id file, one offline W&B run, one metrics.csv."""
     # mistake caught: build_trainer forced to one device
     import os
     import subprocess
@@ -241,9 +242,10 @@ def test_ddp_runs_two_ranks(tmp_path):
     from conftest import REPO
 
     out = tmp_path / "probe"
+    run = tmp_path / "ddp_run"
     overrides = [*tiny_run_overrides(tmp_path), "split=1", "strategy=ddp", "trainer.accelerator=cpu",
-                 "trainer.devices=2", f"hydra.run.dir={tmp_path / 'ddp_run'}", PROBE, f"+callbacks.probe.out={out}"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled",
+                 "trainer.devices=2", f"hydra.run.dir={run}", PROBE, f"+callbacks.probe.out={out}", "logger=csv_wandb"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline", WANDB_SILENT="true",
                PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -251,3 +253,6 @@ def test_ddp_runs_two_ranks(tmp_path):
     seen = sorted(json.loads(p.read_text())["global_rank"] for p in out.glob("rank*_fit0.json"))
     assert seen == [0, 1]
     assert all(json.loads(p.read_text())["world_size"] == 2 for p in out.glob("*.json"))
+    (offline,) = (run / "wandb").glob("offline-run-*")  # rank 1 started no W&B run of its own
+    assert offline.name.endswith("-" + (run / "wandb_run_id").read_text().strip())
+    assert [p.name for p in run.rglob("metrics.csv")] == ["metrics.csv"]

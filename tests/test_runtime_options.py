@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from conftest import run_script, tiny_run_overrides
+from conftest import read_wandb_records, run_script, tiny_run_overrides, wandb_history
 
 from dmtc.builders import build_trainer
 from dmtc.training import train
@@ -30,8 +30,14 @@ def test_wandb_logger_offline_writes_a_local_run(compose_cfg, tmp_path, monkeypa
         assert wandb_logger.experiment.config["dataset"]["name"] == "synthetic"
     finally:
         wandb.finish()
-    runs = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
+    (run,) = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
+    # read back what the offline run holds: the logged point and the composed config
+    history = wandb_history(run)
+    assert [(h["trainer/global_step"], h["val/a/miou"]) for h in history if "val/a/miou" in h] == [(3, 12.5)]
+    records = read_wandb_records(next(run.glob("run-*.wandb")))
+    updates = [r.config.update for r in records if r.WhichOneof("record_type") == "config"]
+    config = {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for u in updates for item in u}
+    assert config["dataset"]["name"] == "synthetic" and config["method"]["name"] == "supervised"
 
 
 def test_ddp_two_cpu_processes(tmp_path):
