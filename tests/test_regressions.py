@@ -16,7 +16,7 @@ import probes
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CONFIGS, tiny_run_overrides
+from conftest import CONFIGS, LEARNABLE, SPEC, tiny_run_overrides
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
@@ -28,13 +28,6 @@ from dmtc.models import deeplab_v2, load_dmt_checkpoint
 from dmtc.module import ENSEMBLE, MutualTrainingModule, SegmentationModule
 from dmtc.training import train
 
-SPEC = {"image_size": 48, "num_train": 48, "num_val": 8, "objects": "[2,3]", "object_radius": "[0.2,0.3]",
-        "hue_jitter": 0, "distractors": "[0,0]", "plain_shapes": "[0,0]", "noise_sigma": 0, "blur_sigma": 0,
-        "gradient": 0, "background_texture": 0}
-#: a task the smoke network learns in seconds: 60 warm-up steps of batch 6 (split 8: 6 labeled images)
-LEARNABLE = [*(f"dataset.generate.spec.{k}={v}" for k, v in SPEC.items()), "dataset.crop_size=[48,48]",
-             "dataset.batch_size=8", "trainer.limit_train_batches=null", "trainer.limit_val_batches=null",
-             "trainer.max_steps=60", "trainer.max_epochs=-1", "optim.lr=0.05", "dataset.val_batch_size=8"]
 PAIR = ["method.ratios=[0.5,1.0]", "method.phase.epochs=1", "method.phase.lr=0.02"]
 SMALL_DMTC = ["method.contrastive.dim=16", "method.contrastive.num_queries=32", "method.contrastive.num_negatives=64"]
 PROBE = "+callbacks.probe._target_=probes.TrainerProbe"
