@@ -487,7 +487,7 @@ def resized_layouts(cfg: DictConfig, layout: DatasetLayout, split: Split) -> tup
                                  processes=int(ds.get("num_workers") or 0), antialias=antialias)
     return cached, cached if same_eval else layout
 
-def _configured_weights(cfg: DictConfig, init: str) -> str | None:
+def configured_weights(cfg: DictConfig, init: str) -> str | None:
     """``backbone.weights`` for the config's own init, else ``backbone.weight_files.<init>`` (or None)."""
     own = str(cfg.backbone.get("init", "none"))
     path = cfg.backbone.get("weights") if init == own else (cfg.backbone.get("weight_files") or {}).get(init)
@@ -501,7 +501,7 @@ def init_weights_path(cfg: DictConfig, init: str | None = None) -> str | None:
     init = _check_init(own if init is None else str(init))
     if init == "none":
         return None
-    path = _configured_weights(cfg, init)
+    path = configured_weights(cfg, init)
     if not path:
         raise DMTCError(
             f"backbone.init={init} needs a weight file but backbone {cfg.backbone.name} has none configured: set "
@@ -527,7 +527,7 @@ def build_model(cfg: DictConfig, init: str | None = None) -> Any:
     """
     init = _check_init(str(cfg.backbone.get("init", "none")) if init is None else str(init))
     name = str(cfg.backbone.name)
-    if init == "coco" and name != "resnet101" and not _configured_weights(cfg, init):
+    if init == "coco" and name != "resnet101" and not configured_weights(cfg, init):
         raise DMTCError(
             f"backbone.init=coco needs backbone=resnet101 (the published COCO DeepLab-v2 weights are a ResNet-101); "
             f"backbone={name} can use init=imagenet or none"

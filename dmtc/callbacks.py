@@ -21,10 +21,15 @@ class ValidateAtEnd(Callback):
     stopping signal, which runs one validation before the loop ends). Training ends there anyway.
     """
 
+    def __init__(self) -> None:
+        self.total: float = float("inf")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        self.total = trainer.estimated_stepping_batches  # the fit's last step, once per fit
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:  # noqa: D102
-        total = trainer.estimated_stepping_batches
-        if total != float("inf") and trainer.global_step >= int(total):
+        if trainer.global_step >= self.total:
             trainer.should_stop = True
 
 

@@ -60,6 +60,7 @@ from dmtc.builders import (
     build_loggers,
     build_model,
     build_trainer,
+    configured_weights,
     input_normalization,
     resize_options,
     resolve_split,
@@ -191,11 +192,7 @@ def pair_spec(cfg: DictConfig) -> PairSpec:
 def _init_available(cfg: DictConfig, init: str) -> bool:
     """Whether initialisation ``init`` can build the configured backbone: ``none`` always, ``coco`` and
     ``imagenet`` when the backbone config names a weight file for it (resnet_tiny names none)."""
-    if init == "none":
-        return True
-    own = str(cfg.backbone.get("init", "none"))
-    path = cfg.backbone.get("weights") if init == own else (cfg.backbone.get("weight_files") or {}).get(init)
-    return bool(path)
+    return init == "none" or configured_weights(cfg, init) is not None
 
 
 def build_pair(cfg: DictConfig, spec: PairSpec | None = None) -> dict[str, nn.Module]:
