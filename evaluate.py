@@ -5,7 +5,7 @@ from omegaconf import DictConfig
 
 import dmtc.config  # noqa: F401  (registers OmegaConf resolvers used by the configs)
 from dmtc.cli import run_entry
-from dmtc.evaluation import evaluate
+from dmtc.tasks.evaluate import evaluate
 
 
 @hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")

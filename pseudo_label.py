@@ -5,7 +5,7 @@ from omegaconf import DictConfig
 
 import dmtc.config  # noqa: F401  (registers OmegaConf resolvers used by the configs)
 from dmtc.cli import run_entry
-from dmtc.labeling import pseudo_label
+from dmtc.tasks.pseudo_label import pseudo_label
 
 
 @hydra.main(config_path="configs", config_name="pseudo_label", version_base="1.3")

@@ -5,7 +5,7 @@ from omegaconf import DictConfig
 
 import dmtc.config  # noqa: F401  (registers OmegaConf resolvers used by the configs)
 from dmtc.cli import run_entry
-from dmtc.training import train
+from dmtc.tasks.train import train
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")

@@ -43,10 +43,11 @@ sys.path.insert(0, str(REPO))
 from machine import cpu_model  # noqa: E402  (benchmarks/machine.py; this folder is on sys.path)
 
 import dmtc.config  # noqa: E402,F401  (resolvers)
-from dmtc.builders import build_datamodule, input_normalization  # noqa: E402
+from dmtc.data.build import build_datamodule  # noqa: E402
 from dmtc.data.datasets import read_image, read_label  # noqa: E402
 from dmtc.data.layouts import DatasetLayout  # noqa: E402
 from dmtc.data.transforms import build_eval_transform  # noqa: E402
+from dmtc.models.inits import input_normalization  # noqa: E402
 
 H, W = 1024, 2048
 IDS = np.array([0, 1, 4, 7, 8, 11, 17, 20, 21, 23, 24, 26, 33], dtype=np.uint8)

@@ -9,7 +9,7 @@
 Defaults: the synthetic dataset's model and crop (resnet_tiny, 96×96; about a minute on 2 CPU cores);
 resnet18 at 161×161 costs 4–8 s per pair step there (one thread, loaded machine).
 
-What is timed: one full training step of the real :class:`dmtc.module.MutualTrainingModule` run by a real
+What is timed: one full training step of the real :class:`dmtc.dmt.mutual.MutualTrainingModule` run by a real
 ``lightning.Trainer`` (automatic optimisation: forward of models A and B, the losses, ``self.log`` calls,
 one backward of the summed loss, the SGD step and the per-step poly scheduler step), measured from the
 ``on_train_batch_start`` to the ``on_train_batch_end`` callback hook (batch fetching and the host-to-device
@@ -26,7 +26,7 @@ DMTC models add the projection head), the same batches and the same Lightning se
   256) filled with ``bank_per_class_per_step`` (64) features per class and step, so it is full after a
   few warm-up steps and the timed steps see a full bank.
 
-The contrastive settings come from :func:`dmtc.pipeline.contrastive_settings` on the composed
+The contrastive settings come from :func:`dmtc.settings.contrastive_settings` on the composed
 ``method=dmtc`` config (trailing Hydra overrides, e.g. ``method.contrastive.resolution=crop``, apply),
 for phase 0 (warm-up: weight 1.0) and phase 1 (a DMT phase: weight 0.1).
 
@@ -47,7 +47,7 @@ minus 1 (with its 25th–75th percentile). Prints markdown table rows (date, mac
 command). Target (issue 4): overhead ≤ 15%.
 
 ``--breakdown`` then times the contrastive path's parts for one model outside Lightning (same rotation):
-the projection head's forward + backward, and ``MutualTrainingModule.auxiliary_loss`` (resizing, ReCo,
+the projection head's forward + backward, and :func:`dmtc.dmt.contrast.contrastive_term` (resizing, ReCo,
 logging; with the bank also its enqueue) + backward to the features, batch-only and with a full bank;
 shares are relative to the baseline pair step (×2 for the two models).
 """
@@ -75,9 +75,10 @@ from hydra import compose, initialize_config_dir
 from machine import cpu_model  # benchmarks/machine.py (this folder is on sys.path)
 
 from dmtc.data.synthetic import SyntheticSpec, render_sample
+from dmtc.dmt.contrast import contrastive_pixels, contrastive_term
+from dmtc.dmt.mutual import MutualTrainingModule, join_labeled_unlabeled
 from dmtc.models import deeplab_v2
-from dmtc.module import ContrastiveSettings, MutualTrainingModule
-from dmtc.pipeline import Phase, contrastive_settings
+from dmtc.settings import ContrastiveSettings, contrastive_settings
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -146,8 +147,8 @@ def dmtc_settings(overrides: list[str], backbone: str
     the projection head's (width, hidden width) and the ASPP dilations."""
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=["method=dmtc", f"backbone={backbone}", *overrides])
-    per_stage = {"warmup": contrastive_settings(cfg, Phase(0, None)),
-                 "mutual": contrastive_settings(cfg, Phase(1, 0.2))}
+    per_stage = {"warmup": contrastive_settings(cfg, warmup=True),
+                 "mutual": contrastive_settings(cfg, warmup=False)}
     head = (int(cfg.model.projection_dim), int(cfg.model.projection_hidden))
     return per_stage, head, [int(d) for d in cfg.model.aspp_dilations]
 
@@ -281,14 +282,12 @@ def contrastive_inputs(stage: str, batch: dict[str, Any], module: MutualTraining
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Images, labels and the contrastive ``valid`` mask of model A, built as ``training_step`` does."""
     if stage == "warmup":
-        return batch["image"], batch["label"], batch["label"] != module.ignore_index
+        return batch["image"], batch["label"], contrastive_pixels(batch["label"], module.contrastive)
     lab, unl = batch["labeled"], batch["unlabeled"]
-    images = torch.cat([lab["image"], unl["image"]])
+    images, is_pseudo = join_labeled_unlabeled(lab["image"], unl["image"])
     labels = torch.cat([lab["label"], unl["label_b"]])
     confidence = torch.cat([torch.ones_like(lab["label"], dtype=torch.float32), unl["conf_b"].float()])
-    pseudo = torch.cat([torch.zeros(lab["image"].shape[0], dtype=torch.bool),
-                        torch.ones(unl["image"].shape[0], dtype=torch.bool)]).view(-1, 1, 1)
-    valid = (labels != module.ignore_index) & (~pseudo | (confidence > module.contrastive.weak_threshold))
+    valid = contrastive_pixels(labels, module.contrastive, is_pseudo=is_pseudo, confidence=confidence)
     return images, labels, valid
 
 
@@ -296,7 +295,7 @@ def run_breakdown(stage: str, args: argparse.Namespace, per_stage: dict[str, Any
                   dilations: list[int]) -> dict[str, list[float]]:
     """Per-call times (s) of the contrastive path's parts for one model (A) on one batch of ``stage``:
     the projection head's forward + backward (on fixed backbone features, their gradient included), and
-    ``MutualTrainingModule.auxiliary_loss`` + backward to the features without and with the memory bank
+    :func:`dmtc.dmt.contrast.contrastive_term` + backward to the features without and with the memory bank
     (the bank setting's call includes its enqueue; the bank is filled by the warm-up calls). Interleaved
     and rotated like the step timing; no Lightning, CPU/GPU synchronised around each call."""
     from dmtc.module import upsample_to
@@ -325,10 +324,12 @@ def run_breakdown(stage: str, args: argparse.Namespace, per_stage: dict[str, Any
     def reco(setting: str) -> None:
         leaf.grad = None
         out = {"logits": logits, "features": leaf}
-        modules[setting].auxiliary_loss("a", out, logits_up, labels, valid).backward()
+        module = modules[setting]
+        bank = module.banks["a"] if "a" in module.banks else None
+        contrastive_term(module.contrastive, model, out, logits_up, labels, valid, bank)[0].backward()
 
-    parts = {"projection head fwd+bwd": head, "auxiliary_loss fwd+bwd, batch": lambda: reco("batch"),
-             "auxiliary_loss fwd+bwd, bank (incl. enqueue)": lambda: reco("bank")}
+    parts = {"projection head fwd+bwd": head, "contrastive_term fwd+bwd, batch": lambda: reco("batch"),
+             "contrastive_term fwd+bwd, bank (incl. enqueue)": lambda: reco("bank")}
     names = list(parts)
     times: dict[str, list[float]] = {k: [] for k in names}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -376,7 +377,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--precision", default="32-true", help="Lightning precision (e.g. bf16-mixed on GPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--breakdown", action="store_true", help="also time the contrastive path's parts "
-                        "(projection head, auxiliary_loss without/with bank) for one model, per stage")
+                        "(projection head, contrastive_term without/with bank) for one model, per stage")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the method=dmtc config (after --)")
     args = parser.parse_args()
     if len(args.crop) == 1:

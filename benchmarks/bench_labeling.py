@@ -12,13 +12,13 @@ same images with the same model (``dmtc.models.deeplab_v2``, eval mode, ``torch.
 weights: the cost does not depend on them) and the same image loader (synthetic PNGs decoded, resized to
 ``--size`` like the pipeline's base size, normalised; batch ``--batch-size``, no worker processes).
 
-* **one pass (dmtc)** -- :func:`dmtc.pseudo_labels.predict_to_store` as the pipeline calls it
-  (:func:`dmtc.labeling.label_images`): one forward pass per image writes the argmax label (uint8 PNG)
-  and its confidence (16-bit PNG) to a :class:`~dmtc.pseudo_labels.PseudoLabelStore` and fills a
-  per-class :class:`~dmtc.pseudo_labels.ConfidenceHistogram`; the store is finalised (histogram.npz +
+* **one pass (dmtc)** -- :func:`dmtc.dmt.labeling.predict_to_store` as the pipeline calls it
+  (:func:`dmtc.dmt.labeling.label_images`): one forward pass per image writes the argmax label (uint8 PNG)
+  and its confidence (16-bit PNG) to a :class:`~dmtc.dmt.store.PseudoLabelStore` and fills a
+  per-class :class:`~dmtc.dmt.curriculum.ConfidenceHistogram`; the store is finalised (histogram.npz +
   manifest); thresholds for ``r`` come from the histogram; the training set applies them when it loads
   a map, so the read-back stage loads every entry once and calls
-  :func:`~dmtc.pseudo_labels.apply_thresholds`.
+  :func:`~dmtc.dmt.curriculum.apply_thresholds`.
 * **two passes (reference)** -- written here the way the DMT reference code works: pass 1 forwards
   every image and gathers, per class, the float32 confidences of the pixels predicted as that class;
   the threshold is the exact order statistic (sort descending, take the ``ceil(r * n_c)``-th value);
@@ -69,8 +69,10 @@ from torch.utils.data import DataLoader, Dataset
 from dmtc.data.datasets import read_image
 from dmtc.data.synthetic import SyntheticSpec, generate_synthetic
 from dmtc.data.transforms import build_eval_transform
+from dmtc.dmt.curriculum import ConfidenceHistogram, apply_thresholds
+from dmtc.dmt.labeling import predict_to_store
+from dmtc.dmt.store import PseudoLabelStore
 from dmtc.models import deeplab_v2
-from dmtc.pseudo_labels import ConfidenceHistogram, PseudoLabelStore, apply_thresholds, predict_to_store
 
 IGNORE = 255
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -74,8 +74,8 @@ def worker(mode: str, runs: int) -> dict:
         if mode == "loop":
             loss = reco_loss_loop(features, labels, valid, probs, STRONG, TAU, QUERIES, NEGATIVES)
         else:
-            loss = reco_loss(features, labels, valid, probs, STRONG, TAU, QUERIES, NEGATIVES,
-                             shared_negatives=(mode == "shared"))
+            loss = reco_loss(features, labels, valid, probs, strong_threshold=STRONG, temperature=TAU,
+                             num_queries=QUERIES, num_negatives=NEGATIVES, shared_negatives=(mode == "shared"))
         loss.backward()
         return loss.item()
 

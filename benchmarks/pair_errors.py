@@ -22,9 +22,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 import dmtc.config  # noqa: F401  (resolvers)
-from dmtc.evaluation import build_val_loader
 from dmtc.from_checkpoint import restore
 from dmtc.inference import predict_probs
+from dmtc.tasks.evaluate import build_val_loader
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,10 +17,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from dmtc.data.layouts import IGNORE_INDEX
 from dmtc.data.voc import voc_palette
 from dmtc.errors import DMTCError
 
-IGNORE_INDEX = 255
 #: colour of 255 (void / border) in VOC label PNGs
 VOID_COLOUR = (224, 224, 192)
 

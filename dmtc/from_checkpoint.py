@@ -33,10 +33,10 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dmtc.builders import input_normalization
 from dmtc.errors import DMTCError
 from dmtc.models import DeepLabV2, deeplab_v2, load_dmt_checkpoint, model_state, read_checkpoint, release_layout
 from dmtc.models.checkpoints import guess_backbone
+from dmtc.models.inits import input_normalization
 from dmtc.module import CHECKPOINT_KEY
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Test-time inference: class probabilities at label resolution, optionally padded, flipped, multi-scale.
 
-Used by :mod:`dmtc.evaluation`. The protocols it serves (DMT §4.1; the Cityscapes benchmark):
+Used by :mod:`dmtc.tasks.evaluate`. The protocols it serves (DMT §4.1; the Cityscapes benchmark):
 
 * DMT's protocol (``eval.protocol=dmt``): Cityscapes images resized to 512×1024 (labels nearest, by the
   evaluation transform); VOC full images zero-padded (after normalisation) at the bottom/right to 505×505,

@@ -1,16 +1,21 @@
-"""Loggers that continue the same log when a run is resumed.
+"""Loggers that continue the same log when a run is resumed, on one step axis across a run's stages.
 
 Rerunning a command reuses its run folder and resumes training from ``last.ckpt``; its loggers continue
 the log of the earlier attempt(s) instead of starting a new one:
 
 * **W&B**: :func:`wandb_run_id` keeps the run id in ``<run dir>/wandb_run_id`` (created on the first start,
-  written atomically by rank 0); :func:`dmtc.builders.build_loggers` passes it to ``WandbLogger`` with
+  written atomically by rank 0); :func:`dmtc.trainer.build_loggers` passes it to ``WandbLogger`` with
   ``resume="allow"``, so every attempt logs to one W&B run (offline: one ``offline-run-*-<id>`` folder per
   attempt, which ``wandb sync`` uploads into that one run). ``overwrite=true`` starts a new id.
 * **CSV**: :class:`CSVLogger` appends to the existing ``metrics.csv`` (one header, columns widened
   when new metrics appear) instead of deleting it as Lightning's ``CSVLogger`` does, and drops the rows
   that the resumed attempt logs again: those written after the last checkpoint save (or the last
   successful end of a fit/validate), i.e. after the state the rerun resumes from.
+
+A DMT run trains one Lightning Trainer per stage (warm-up, phases), each counting steps from 0;
+:class:`StepOffsetLogger` shifts each stage's steps by the steps of the stages before it, so one log (one
+W&B run, one CSV file) covers the whole run on one continuous axis. Everything here uses Lightning's public
+``Logger`` interface only.
 """
 
 from __future__ import annotations
@@ -22,17 +27,20 @@ import os
 import re
 import secrets
 import string
+from argparse import Namespace
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lightning.fabric.loggers.logger import rank_zero_experiment
+import torch
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.core.saving import save_hparams_to_yaml
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
 from dmtc.errors import DMTCError
+from dmtc.files import atomic_write_text, is_rank_zero, temp_sibling
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +48,10 @@ log = logging.getLogger(__name__)
 WANDB_ID_FILE = "wandb_run_id"
 #: File next to ``metrics.csv`` holding how many of its rows a checkpoint (or a finished stage) backs.
 COMMITTED_FILE = "metrics_committed.json"
+METRICS_FILE = "metrics.csv"
+HPARAMS_FILE = "hparams.yaml"
 
 _WANDB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-
-
-def _is_rank_zero() -> bool:
-    return getattr(rank_zero_only, "rank", 0) == 0
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old or new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def new_wandb_run_id() -> str:
@@ -78,8 +76,8 @@ def wandb_run_id(run_dir: _PATH, *, fresh: bool = False) -> str:
                             "id of the W&B run to continue there, or delete the file to start a new W&B run")
         return run_id
     run_id = new_wandb_run_id()
-    if _is_rank_zero():
-        _atomic_write_text(path, run_id + "\n")
+    if is_rank_zero():
+        atomic_write_text(path, run_id + "\n")
         log.info("new W&B run id %s (stored in %s)", run_id, path)
     return run_id
 
@@ -97,64 +95,58 @@ def finish_other_wandb_run(run_id: str) -> None:
         wandb.finish()
 
 
-def _step_of(row: dict[str, Any]) -> float | None:
+def _step_of(row: Mapping[str, Any]) -> float | None:
     try:
         return float(row["step"])
     except (KeyError, TypeError, ValueError):
         return None
 
 
-class ResumableExperimentWriter(ExperimentWriter):
-    """Lightning's CSV experiment writer, continuing an existing ``metrics.csv`` when ``resume`` is true.
+class ResumableCSV:
+    """``metrics.csv`` (one header, sorted columns, ``step`` among them) continued across attempts.
 
-    On opening, the rows that :attr:`COMMITTED_FILE` does not vouch for (logged after the last checkpoint
-    save or successful stage end, e.g. by a killed attempt; or cut mid-line by the kill) are dropped; without
-    that file (a log written by Lightning's own ``CSVLogger``) every well-formed row is kept. At the first
-    save of this attempt, earlier rows at a step beyond the first step it logs are dropped too, so the
-    step column never goes back (a phase or run retrained from an older state). ``resume=False`` starts
-    a new file, as Lightning does.
+    On opening with ``resume=True``, the rows that :data:`COMMITTED_FILE` does not vouch for (logged after
+    the last checkpoint save or successful stage end, e.g. by a killed attempt; or cut mid-line by the
+    kill) are dropped; without that file (a log written by Lightning's own ``CSVLogger``) every well-formed
+    row is kept. At the first write of this attempt, earlier rows at a step beyond the first step it logs
+    are dropped too, so the step column never goes back (a stage retrained from an older state).
+    ``resume=False`` starts a new file. Rewrites go through a temporary file and a rename.
     """
 
-    def __init__(self, log_dir: str, resume: bool = True) -> None:
-        self._resume = resume
-        self._rows = 0  # data rows in metrics.csv
-        self._earlier: list[dict[str, str]] | None = None  # rows of earlier attempts, until the first save
-        super().__init__(log_dir=log_dir)
+    def __init__(self, log_dir: Path, resume: bool) -> None:
+        self.path, self.committed_path = log_dir / METRICS_FILE, log_dir / COMMITTED_FILE
+        self.keys: list[str] = []
+        self.rows = 0  # data rows in metrics.csv
+        self.earlier: list[dict[str, str]] | None = None  # rows of earlier attempts, until the first write
+        log_dir.mkdir(parents=True, exist_ok=True)
+        if resume and self.path.is_file():
+            self._continue()
+        else:
+            if self.path.is_file():
+                log.info("starting a new CSV log: %s removed", self.path)
+            self._start_new()
 
-    @property
-    def committed_path(self) -> Path:
-        """The file recording how many rows of ``metrics.csv`` survive a resume."""
-        return Path(self.log_dir) / COMMITTED_FILE
+    def _start_new(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.committed_path.unlink(missing_ok=True)
 
-    @override
-    def _check_log_dir_exists(self) -> None:
-        metrics = Path(self.metrics_file_path)
-        if not self._resume or not metrics.is_file():
-            if metrics.is_file():
-                log.info("starting a new CSV log: %s removed", metrics)
-            metrics.unlink(missing_ok=True)
-            self.committed_path.unlink(missing_ok=True)
-            return
-        with metrics.open(newline="") as f:
+    def _continue(self) -> None:
+        with self.path.open(newline="") as f:
             reader = csv.DictReader(f)
-            header = list(reader.fieldnames or [])
-            rows = list(reader)
+            header, rows = list(reader.fieldnames or []), list(reader)
         if "step" not in header:
-            log.warning("%s has no step column: starting a new CSV log", metrics)
-            metrics.unlink()
-            self.committed_path.unlink(missing_ok=True)
+            log.warning("%s has no step column: starting a new CSV log", self.path)
+            self._start_new()
             return
         committed = self._read_committed()
         kept = rows if committed is None else rows[:committed]
         # a line cut by a kill has missing (None) or extra (key None) fields
         kept = [r for r in kept if None not in r and None not in r.values() and _step_of(r) is not None]
-        self.metrics_keys = header
-        self._earlier = kept
-        self._rows = len(kept)
+        self.keys, self.earlier, self.rows = header, kept, len(kept)
         if len(kept) < len(rows):
-            self._write_rows(kept)
+            self._rewrite(kept)
         log.info("continuing the CSV log %s: %d earlier rows kept, %d logged after the last checkpoint dropped",
-                 metrics, len(kept), len(rows) - len(kept))
+                 self.path, len(kept), len(rows) - len(kept))
 
     def _read_committed(self) -> int | None:
         try:
@@ -165,53 +157,55 @@ class ResumableExperimentWriter(ExperimentWriter):
             log.warning("ignoring unreadable %s: keeping every row of the CSV log", self.committed_path)
             return None
 
-    def _write_rows(self, rows: list[dict[str, Any]], fieldnames: list[str] | None = None) -> None:
-        """Replace ``metrics.csv`` atomically by ``rows`` under ``fieldnames`` (default: the current keys)."""
-        path = Path(self.metrics_file_path)
-        tmp = path.with_name(f".{path.name}.tmp")
+    def _rewrite(self, rows: list[dict[str, Any]]) -> None:
+        tmp = temp_sibling(self.path)
         with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fieldnames or self.metrics_keys)
+            writer = csv.DictWriter(f, fieldnames=self.keys)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, path)
+        os.replace(tmp, self.path)
 
-    @override
-    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
-        with open(self.metrics_file_path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        self._write_rows(rows, fieldnames)
-
-    @override
-    def save(self) -> None:
-        if not self.metrics:
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        """Append ``rows`` (each with a ``step``), widening the header when they bring new columns."""
+        if not rows:
             return
-        if self._earlier is not None:
-            first = min(float(m["step"]) for m in self.metrics)
-            kept = [r for r in self._earlier if _step_of(r) <= first]
-            if len(kept) < len(self._earlier):
+        if self.earlier is not None:
+            first = min(float(r["step"]) for r in rows)
+            kept = [r for r in self.earlier if _step_of(r) <= first]
+            if len(kept) < len(self.earlier):
                 log.warning("CSV log: dropping %d earlier rows logged after step %g, the first step of this "
-                            "attempt", len(self._earlier) - len(kept), first)
-                self._write_rows(kept)
-                self._rows = len(kept)
-            self._earlier = None
-        count = len(self.metrics)
-        super().save()
-        self._rows += count
+                            "attempt", len(self.earlier) - len(kept), first)
+                self._rewrite(kept)
+                self.rows = len(kept)
+            self.earlier = None
+        new_keys = set().union(*rows) - set(self.keys)
+        exists = self.path.is_file()
+        if new_keys:
+            self.keys = sorted([*self.keys, *new_keys])
+            if exists:
+                with self.path.open(newline="") as f:
+                    self._rewrite(list(csv.DictReader(f)))
+        with self.path.open("a" if exists else "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.keys)
+            if not exists:
+                writer.writeheader()
+            writer.writerows(rows)
+        self.rows += len(rows)
 
     def commit(self) -> None:
         """Record that every row written so far survives a resume (the state they describe is saved)."""
-        _atomic_write_text(self.committed_path, json.dumps({"rows": self._rows}) + "\n")
+        atomic_write_text(self.committed_path, json.dumps({"rows": self.rows}) + "\n")
 
 
-class CSVLogger(LightningCSVLogger):
-    """Lightning's ``CSVLogger`` (``save_dir/name/version/metrics.csv``) continuing the same file when the
-    run is resumed (``resume=True``), see :class:`ResumableExperimentWriter`.
+class CSVLogger(Logger):
+    """Metrics in ``save_dir/name/version/metrics.csv`` and hyper-parameters in ``hparams.yaml`` (Lightning's
+    CSV format), continuing the same file when the run is resumed (``resume=True``, :class:`ResumableCSV`).
 
     Rows are marked as surviving a resume whenever a checkpoint is saved (``after_save_checkpoint``) and
     when a fit/validate ends successfully: the rerun resumes from ``last.ckpt`` (or skips a finished DMT
     phase), so rows logged after that point are logged again by the rerun and the earlier copies are
     dropped. ``version`` defaults to ``""`` (no ``version_N`` folder per attempt): a fixed folder is what
-    makes the log continue.
+    makes the log continue. Only rank 0 writes.
     """
 
     def __init__(
@@ -223,20 +217,71 @@ class CSVLogger(LightningCSVLogger):
         flush_logs_every_n_steps: int = 100,
         resume: bool = True,
     ) -> None:
-        super().__init__(save_dir, name=name, version=version, prefix=prefix,
-                         flush_logs_every_n_steps=flush_logs_every_n_steps)
-        self._resume = bool(resume)
+        super().__init__()
+        self._save_dir, self._name = os.fspath(save_dir), name or ""
+        self._version = "" if version is None else version
+        self.prefix, self.flush_every = prefix, int(flush_logs_every_n_steps)
+        self.resume = bool(resume)
+        self.hparams: dict[str, Any] = {}
+        self.pending: list[dict[str, Any]] = []
+        self.file: ResumableCSV | None = None  # opened (and an earlier log trimmed) on first use
 
     @property
     @override
-    @rank_zero_experiment
-    def experiment(self) -> ResumableExperimentWriter:
-        """The writer of ``metrics.csv`` and ``hparams.yaml`` (opened, and an earlier log trimmed, on first use)."""
-        if self._experiment is not None:
-            return self._experiment
-        self._fs.makedirs(self.root_dir, exist_ok=True)
-        self._experiment = ResumableExperimentWriter(log_dir=self.log_dir, resume=self._resume)
-        return self._experiment
+    def name(self) -> str:
+        return self._name
+
+    @property
+    @override
+    def version(self) -> int | str:
+        return self._version
+
+    @property
+    @override
+    def save_dir(self) -> str:
+        return self._save_dir
+
+    @property
+    @override
+    def root_dir(self) -> str:
+        return os.path.join(self.save_dir, self.name)
+
+    @property
+    @override
+    def log_dir(self) -> str:
+        version = self.version if isinstance(self.version, str) else f"version_{self.version}"
+        return os.path.join(self.root_dir, version)
+
+    @property
+    def experiment(self) -> ResumableCSV:
+        """The ``metrics.csv`` writer (opened, and an earlier log trimmed, on first use)."""
+        if self.file is None:
+            self.file = ResumableCSV(Path(self.log_dir), resume=self.resume)
+        return self.file
+
+    @override
+    @rank_zero_only
+    def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
+        params = vars(params) if isinstance(params, Namespace) else dict(params or {})
+        self.experiment  # noqa: B018  (opens the log: a resumed run's log is trimmed right away)
+        self.hparams.update(params)
+        save_hparams_to_yaml(os.path.join(self.log_dir, HPARAMS_FILE), self.hparams)
+
+    @override
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        row = {f"{self.prefix}-{k}" if self.prefix else k: v.item() if isinstance(v, torch.Tensor) else v
+               for k, v in metrics.items()}
+        row["step"] = len(self.pending) if step is None else step
+        self.pending.append(row)
+        if (row["step"] + 1) % self.flush_every == 0:
+            self.save()
+
+    @override
+    @rank_zero_only
+    def save(self) -> None:
+        rows, self.pending = self.pending, []
+        self.experiment.append(rows)
 
     @override
     @rank_zero_only
@@ -247,8 +292,72 @@ class CSVLogger(LightningCSVLogger):
     @override
     @rank_zero_only
     def finalize(self, status: str) -> None:
-        if self._experiment is None:
+        if self.file is None and not self.pending:
             return
         self.save()
         if status == "success":
-            self._experiment.commit()
+            self.experiment.commit()
+
+
+class StepOffsetLogger(Logger):
+    """``logger`` with every logged step shifted by ``offset``: one continuous step axis over the Trainers of
+    one run (DMT: warm-up, then each phase, each Trainer counting from 0; a resumed stage's Trainer counts
+    from its checkpoint's step). Everything else is passed through."""
+
+    def __init__(self, logger: Logger, offset: int) -> None:
+        super().__init__()
+        self.logger, self.offset = logger, int(offset)
+
+    @property
+    @override
+    def name(self) -> str | None:
+        return self.logger.name
+
+    @property
+    @override
+    def version(self) -> int | str | None:
+        return self.logger.version
+
+    @property
+    @override
+    def save_dir(self) -> str | None:
+        return self.logger.save_dir
+
+    @property
+    @override
+    def root_dir(self) -> str | None:
+        return self.logger.root_dir
+
+    @property
+    @override
+    def log_dir(self) -> str | None:
+        return self.logger.log_dir
+
+    @property
+    def experiment(self) -> Any:
+        """The wrapped logger's experiment object (e.g. the W&B run)."""
+        return self.logger.experiment
+
+    @override
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        self.logger.log_metrics(metrics, None if step is None else step + self.offset)
+
+    @override
+    def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
+        self.logger.log_hyperparams(params, *args, **kwargs)
+
+    @override
+    def log_graph(self, model: torch.nn.Module, input_array: torch.Tensor | None = None) -> None:
+        self.logger.log_graph(model, input_array)
+
+    @override
+    def save(self) -> None:
+        self.logger.save()
+
+    @override
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        self.logger.after_save_checkpoint(checkpoint_callback)
+
+    @override
+    def finalize(self, status: str) -> None:
+        self.logger.finalize(status)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torchmetrics.classification import MulticlassJaccardIndex
 
-IGNORE_INDEX = 255
+from dmtc.data.layouts import IGNORE_INDEX
 
 
 def make_miou_metric(num_classes: int, ignore_index: int = IGNORE_INDEX) -> MulticlassJaccardIndex:

@@ -13,8 +13,9 @@ import pytest
 from cityscapesscripts.helpers.labels import labels as CS_LABELS
 from omegaconf import open_dict
 
-from dmtc.builders import build_datamodule, build_layout, resolve_split
+from dmtc.data.build import build_datamodule, build_layout
 from dmtc.data.cityscapes import cityscapes_class_names, cityscapes_lut, cityscapes_palette
+from dmtc.data.split_resolver import resolve_split
 from dmtc.data.splits import dmt_split
 from dmtc.errors import DMTCError
 

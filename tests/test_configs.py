@@ -36,7 +36,7 @@ def test_dataset_picks_its_backbone_and_command_line_wins():
 
 def test_projection_head_width_follows_the_backbone():
     """DMTC's head: 3×3 conv F→hidden (256 on ResNet-101, as DMTC; 64 on resnet_tiny) → 1×1 → 150."""
-    from dmtc.builders import build_model
+    from dmtc.models.inits import build_model
 
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         tiny = compose("train", overrides=["method=dmtc"])

@@ -16,13 +16,16 @@ import numpy as np
 import torch
 from conftest import REPO, expect_user_error, run_script, tiny_run_overrides
 
-from dmtc.builders import build_layout, prepare_dataset, resolve_split
-from dmtc.data.pseudo import PseudoLabeledDataset
+from dmtc.data.build import build_layout, prepare_dataset
+from dmtc.data.split_resolver import resolve_split
 from dmtc.data.transforms import build_train_transform
-from dmtc.labeling import label_images, labeling_transform, pseudo_label
+from dmtc.dmt.labeling import label_images, labeling_transform
+from dmtc.dmt.phase_data import PseudoLabeledDataset
+from dmtc.dmt.scores import decode_score, score_to_confidence
+from dmtc.dmt.store import PseudoLabelStore
 from dmtc.models import deeplab_v2
-from dmtc.pseudo_labels import PseudoLabelStore, decode_score, score_to_confidence
-from dmtc.training import train
+from dmtc.tasks.pseudo_label import pseudo_label
+from dmtc.tasks.train import train
 
 DMT = ["method=dmt", "method.ratios=[0.5,1.0]", "method.phase.epochs=1"]
 DONE_FILE = "done.json"

@@ -16,9 +16,10 @@ import pytest
 import torch
 from conftest import REPO, expect_user_error, tiny_run_overrides
 
+from dmtc.dmt.mutual import MutualTrainingModule
 from dmtc.models import deeplab_v2, load_dmt_checkpoint
-from dmtc.module import ContrastiveSettings, MutualTrainingModule
-from dmtc.training import train
+from dmtc.settings import ContrastiveSettings
+from dmtc.tasks.train import train
 
 # Small contrastive sizes keep CPU runs in seconds; the defaults (150 dims, 256 queries, 512 negatives)
 # are DMTC's.

@@ -19,10 +19,10 @@ from test_cityscapes import city_overrides, make_city_tree
 from test_voc import make_voc_tree, voc_overrides
 
 from dmtc.data.voc import voc_palette
-from dmtc.evaluation import evaluate
 from dmtc.export import cityscapes_train_to_label_ids
 from dmtc.inference import pad_bottom_right, predict_probs
 from dmtc.models import deeplab_v2
+from dmtc.tasks.evaluate import evaluate
 
 CLASS_LABEL_IDS = {label.id for label in CS_LABELS if 0 <= label.trainId < 255}
 
@@ -132,9 +132,9 @@ def test_cityscapes_dmt_protocol(compose_cfg, tmp_path):
     tta = evaluate(tta_cfg)
     assert tta["eval"]["flip"] and tta["eval"]["scales"] == [0.75, 1.0, 1.25]
     # the same numbers from the rebuilt model's flip + multi-scale probabilities on the original images
-    from dmtc.evaluation import build_val_loader
     from dmtc.from_checkpoint import restore
     from dmtc.metrics import make_miou_metric, summarize
+    from dmtc.tasks.evaluate import build_val_loader
 
     restored = restore(tta_cfg, ckpt)
     model, metric = restored.model.eval(), make_miou_metric(19)

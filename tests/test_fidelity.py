@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dmtc.builders import build_model
 from dmtc.inference import predict_probs
 from dmtc.models import deeplab_v2, upsample_logits
+from dmtc.models.inits import build_model
 from dmtc.module import SegmentationModule
 
 
@@ -81,7 +81,9 @@ def test_every_path_upsamples_as_the_model_says(corners):
 
 @pytest.mark.parametrize("corners", [True, False])
 def test_training_and_labeling_upsample_as_the_model_says(tmp_path, corners):
-    from dmtc.pseudo_labels import ConfidenceHistogram, PseudoLabelStore, predict_to_store
+    from dmtc.dmt.curriculum import ConfidenceHistogram
+    from dmtc.dmt.labeling import predict_to_store
+    from dmtc.dmt.store import PseudoLabelStore
 
     torch.manual_seed(1)
     model = deeplab_v2(4, backbone="resnet_tiny", aspp_dilations=(6, 12), align_corners=corners)
@@ -124,7 +126,7 @@ def test_phase_validates_every_n_steps_and_after_the_last(compose_cfg):
     import csv
     import json
 
-    from dmtc.training import train
+    from dmtc.tasks.train import train
 
     # 35 unlabeled images, 6 per batch: 5 batches per epoch, 2 epochs = 10 steps; every 4 steps + the last
     cfg = compose_cfg("train", ["method=dmt", "method.ratios=[0.5]", "method.phase.epochs=2",
@@ -178,7 +180,7 @@ def test_black_padding_and_plain_bilinear_as_the_reference():
 @pytest.mark.parametrize("dataset, antialias, fill", [("city", False, "black"), ("voc", False, "black"),
                                                       (None, True, "mean")])
 def test_protocols_select_padding_and_resizing(compose_cfg, dataset, antialias, fill):
-    from dmtc.builders import pad_fill, resize_options
+    from dmtc.data.build import pad_fill, resize_options
 
     cfg = compose_cfg("train", [f"dataset={dataset}"] if dataset else [])
     assert resize_options(cfg) == {"antialias": antialias} and pad_fill(cfg) == fill

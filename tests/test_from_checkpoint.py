@@ -14,12 +14,12 @@ import torch
 from conftest import expect_user_error, run_script, tiny_run_overrides
 from test_cityscapes import city_overrides, make_city_tree
 
-from dmtc.evaluation import evaluate
+from dmtc.dmt.mutual import MutualTrainingModule
 from dmtc.from_checkpoint import restore
-from dmtc.labeling import pseudo_label
 from dmtc.models import deeplab_v2
-from dmtc.module import MutualTrainingModule
-from dmtc.training import train
+from dmtc.tasks.evaluate import evaluate
+from dmtc.tasks.pseudo_label import pseudo_label
+from dmtc.tasks.train import train
 
 
 def _release_file(path: Path, num_classes: int = 19) -> Path:
@@ -112,7 +112,7 @@ def test_flags_that_contradict_the_checkpoint_are_one_error(compose_cfg, capsys)
 def test_pair_inits_give_each_model_its_input_pipeline(tmp_path, compose_cfg):
     """A pair checkpoint with A from COCO (Caffe BGR 0–255) and B from ImageNet: model_key picks the model and
     its own normalisation (written by the module's on_save_checkpoint, as the Trainer calls it)."""
-    from dmtc.builders import INIT_INPUTS
+    from dmtc.models.inits import INIT_INPUTS
 
     models = {k: deeplab_v2(10, backbone="resnet_tiny") for k in "ab"}
     models["a"].inputs = {"init": "coco", **INIT_INPUTS["coco"]}

@@ -12,12 +12,12 @@ import torch
 from conftest import expect_user_error
 from torchvision import tv_tensors
 
-from dmtc.builders import INIT_INPUTS, build_model, input_normalization
 from dmtc.data.transforms import build_eval_transform
 from dmtc.errors import DMTCError
 from dmtc.models import deeplab_v2
 from dmtc.models.checkpoints import COCO_INIT_URL, load_coco_init
-from dmtc.training import train
+from dmtc.models.inits import INIT_INPUTS, build_model, input_normalization
+from dmtc.tasks.train import train
 
 CAFFE_MEAN = [104.008, 116.669, 122.675]
 

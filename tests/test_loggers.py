@@ -17,9 +17,9 @@ from conftest import REPO, tiny_run_overrides
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers import WandbLogger
 
-from dmtc.builders import build_loggers
 from dmtc.errors import DMTCError
 from dmtc.loggers import COMMITTED_FILE, WANDB_ID_FILE, CSVLogger, wandb_run_id
+from dmtc.trainer import build_loggers
 
 TESTS = Path(__file__).resolve().parent
 

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from dmtc.memory_bank import ClassMemoryBank, select_pixels
+from dmtc.losses.memory_bank import ClassMemoryBank, select_pixels
 
 
 def unit(x):

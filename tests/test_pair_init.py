@@ -15,12 +15,14 @@ import pytest
 import torch
 from conftest import expect_user_error
 
-from dmtc.builders import INIT_INPUTS, build_datamodule, build_layout, prepare_dataset, stacks_inputs
+from dmtc.data.build import build_datamodule, build_layout, prepare_dataset
 from dmtc.data.splits import dms_subset, dmt_split, split_ratio
+from dmtc.data.transforms import stacks_inputs
+from dmtc.dmt.pair import PairSpec, build_pair, pair_spec
 from dmtc.errors import DMTCError
 from dmtc.models import deeplab_v2
-from dmtc.pipeline import PairSpec, build_pair, pair_spec
-from dmtc.training import train
+from dmtc.models.inits import INIT_INPUTS
+from dmtc.tasks.train import train
 
 DMT = ["method=dmt", "method.ratios=[1.0]", "method.phase.epochs=1"]
 # end-to-end runs on an even smaller set: 24 training images (3 labeled at split 8, 21 unlabeled), 4 val

@@ -10,17 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from dmtc.dmt.curriculum import ConfidenceHistogram, apply_thresholds
+from dmtc.dmt.labeling import predict_to_store
+from dmtc.dmt.scores import confidence_score, confidence_to_score, quantize_score, score_to_confidence
+from dmtc.dmt.store import PseudoLabelStore
 from dmtc.errors import DMTCError
-from dmtc.pseudo_labels import (
-    ConfidenceHistogram,
-    PseudoLabelStore,
-    apply_thresholds,
-    confidence_score,
-    confidence_to_score,
-    predict_to_store,
-    quantize_score,
-    score_to_confidence,
-)
 
 RATIOS = (0.05, 0.2, 0.4, 0.6, 0.8)
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dmtc.losses.memory_bank import ClassMemoryBank
 from dmtc.losses.reco import (
     RecoSample,
     downsample_nearest,
@@ -16,7 +17,6 @@ from dmtc.losses.reco import (
     reco_loss_from_sample,
     sample_reco,
 )
-from dmtc.memory_bank import ClassMemoryBank
 
 IGNORE = 255
 

@@ -21,12 +21,13 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from dmtc.evaluation import evaluate
+from dmtc.dmt.mutual import MutualTrainingModule
 from dmtc.losses.mutual import dynamic_mutual_loss
 from dmtc.metrics import make_miou_metric
 from dmtc.models import deeplab_v2, load_dmt_checkpoint
-from dmtc.module import ENSEMBLE, MutualTrainingModule, SegmentationModule
-from dmtc.training import train
+from dmtc.module import ENSEMBLE, SegmentationModule
+from dmtc.tasks.evaluate import evaluate
+from dmtc.tasks.train import train
 
 PAIR = ["method.ratios=[0.5,1.0]", "method.phase.epochs=1", "method.phase.lr=0.02"]
 SMALL_DMTC = ["method.contrastive.dim=16", "method.contrastive.num_queries=32", "method.contrastive.num_negatives=64"]

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from dmtc.builders import build_datamodule, build_layout
-from dmtc.data.resized_cache import MANIFEST, build_resized_cache, resize_sample
+from dmtc.data.build import build_datamodule, build_layout
+from dmtc.data.resized_cache import build_resized_cache, resize_sample
+from dmtc.files import MANIFEST
 
 CITIES = {"train": ["aachen", "bochum"], "val": ["frankfurt"]}
 PER_CITY = {"train": 5, "val": 3}

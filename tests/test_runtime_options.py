@@ -5,8 +5,8 @@ from pathlib import Path
 
 from conftest import read_wandb_records, run_script, tiny_run_overrides, wandb_history
 
-from dmtc.builders import build_trainer
-from dmtc.training import train
+from dmtc.tasks.train import train
+from dmtc.trainer import build_trainer
 
 
 def test_bf16_mixed_precision_trains_on_cpu(compose_cfg):

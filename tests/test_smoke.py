@@ -15,7 +15,7 @@ from test_cityscapes import make_city_tree
 from test_from_checkpoint import FOLDER, _folder_tree
 from test_voc import make_voc_tree
 
-from dmtc.training import train
+from dmtc.tasks.train import train
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import LEARNABLE, expect_user_error, run_script, tiny_run_overrides
 
-from dmtc.evaluation import evaluate
 from dmtc.models import deeplab_v2
-from dmtc.training import train
+from dmtc.tasks.evaluate import evaluate
+from dmtc.tasks.train import train
 
 
 def _results(run_dir: Path) -> dict:

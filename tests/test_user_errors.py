@@ -8,7 +8,7 @@ from pathlib import Path
 from conftest import expect_user_error, run_script
 from test_from_checkpoint import FOLDER, _folder_tree
 
-from dmtc.training import train
+from dmtc.tasks.train import train
 
 
 def _folder(tmp_path: Path, *extra: str, **tree) -> list[str]:

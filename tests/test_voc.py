@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from dmtc.builders import build_datamodule, build_layout, resolve_split
+from dmtc.data.build import build_datamodule, build_layout
+from dmtc.data.split_resolver import resolve_split
 from dmtc.data.splits import dmt_split
 from dmtc.data.voc import VOC_CLASSES, voc_palette
 from dmtc.errors import DMTCError

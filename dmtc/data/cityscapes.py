@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 from cityscapesscripts.helpers.labels import labels as _LABELS
 
-IGNORE_INDEX = 255
+from dmtc.data.layouts import IGNORE_INDEX
+
 NUM_CLASSES = 19
 
 

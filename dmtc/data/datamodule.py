@@ -1,8 +1,9 @@
-"""LightningDataModule for the labeled split and the validation set."""
+"""The LightningDataModule of a run: the labeled split, the validation set and, in a DMT phase, the
+labeled + pseudo-labeled batches of the phase."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -10,9 +11,8 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
-from dmtc.data.datasets import SegmentationDataset
+from dmtc.data.datasets import RepeatedDataset, SegmentationDataset
 from dmtc.data.layouts import DatasetLayout
-from dmtc.data.pseudo import RepeatedDataset
 
 
 class SegmentationDataModule(L.LightningDataModule):
@@ -31,6 +31,9 @@ class SegmentationDataModule(L.LightningDataModule):
     as a whole) to the longest one's length rather than cycled. Model k's batches go through
     ``model_train_transforms[k]`` (its own input pipeline) when given. :meth:`train_dataset` stays the run's
     whole labeled split with the shared transform (what DMT's phases use with shared streams).
+
+    In a DMT phase (:meth:`serve_phase`) training batches are the phase's: labeled + pseudo-labeled images
+    (:mod:`dmtc.dmt.phase_data`), from a loader built for the Trainer's world size.
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.persistent_workers = persistent_workers and self.num_workers > 0
         self.model_labeled: dict[str, list[str]] | None = None
         self.model_train_transforms = dict(model_train_transforms or {})
+        self.phase_loader: Callable[[int], Any] | None = None
         if model_labeled:
             self.set_model_labeled(model_labeled)
 
@@ -71,6 +75,11 @@ class SegmentationDataModule(L.LightningDataModule):
         if model_labeled is not None and not all(model_labeled.values()):
             raise ValueError(f"every model needs at least one labeled image: {sorted(model_labeled)}")
         self.model_labeled = {k: list(v) for k, v in model_labeled.items()} if model_labeled else None
+
+    def serve_phase(self, make_loader: Callable[[int], Any] | None) -> None:
+        """Train on a DMT phase's batches: ``make_loader(world_size)`` builds its loader when a Trainer asks
+        (None: back to the labeled split)."""
+        self.phase_loader = make_loader
 
     def train_dataset(self, names: Sequence[str] | None = None, key: str | None = None) -> SegmentationDataset:
         """Labeled training images (``names``, default the split's labeled list) with the training transform
@@ -95,6 +104,8 @@ class SegmentationDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader | CombinedLoader:  # noqa: D102
+        if self.phase_loader is not None:
+            return self.phase_loader(self.trainer.world_size if self.trainer is not None else 1)
         if not self.model_labeled:
             return self._loader(self.train_dataset(), self.batch_size, train=True)
         datasets = {key: self.train_dataset(names, key) for key, names in self.model_labeled.items()}

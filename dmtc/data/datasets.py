@@ -87,3 +87,19 @@ class SegmentationDataset(Dataset):
             "name": name,
             "size": size,
         }
+
+
+class RepeatedDataset(Dataset):
+    """``dataset`` repeated (index modulo its length) to ``length`` items; a shuffling sampler then mixes
+    whole repetitions, so every item appears ⌊length/n⌋ or ⌈length/n⌉ times per epoch."""
+
+    def __init__(self, dataset: Dataset, length: int) -> None:
+        if len(dataset) == 0:
+            raise ValueError("cannot repeat an empty dataset")
+        self.dataset, self.length = dataset, int(length)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index % len(self.dataset)]

@@ -19,6 +19,9 @@ import numpy as np
 
 from dmtc.errors import DMTCError
 
+IGNORE_INDEX = 255
+"""The label value of pixels no loss or metric counts (void, borders, crop padding, dropped pseudo labels)."""
+
 
 @dataclass(frozen=True)
 class DatasetLayout:

@@ -25,10 +25,8 @@ writes nothing. The dataset root is only read (it may be read-only).
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing as mp
-import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -43,10 +41,10 @@ from torchvision.transforms import v2
 from dmtc.data.datasets import read_image, read_label
 from dmtc.data.layouts import DatasetLayout
 from dmtc.errors import DMTCError
+from dmtc.files import atomic_write_bytes, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 VERSION = 1
 #: PNG zlib level of cached files: 1 writes fast and decodes as fast as any level (inflate speed barely
 #: depends on it); files are ~30% larger than level 9.
@@ -104,13 +102,16 @@ def resize_sample(
 
 
 def _write_png(path: Path, array: np.ndarray, *, bgr_from_rgb: bool) -> None:
-    """Write atomically: a temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    """Encode as PNG and write atomically (:func:`dmtc.files.atomic_write_bytes`)."""
     data = cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if bgr_from_rgb else array
-    if not cv2.imwrite(str(tmp), data, [cv2.IMWRITE_PNG_COMPRESSION, PNG_LEVEL]):
-        raise DMTCError(f"cannot write the resized cache file {tmp}: check space and permissions there")
-    os.replace(tmp, path)
+    ok, buf = cv2.imencode(".png", data, [cv2.IMWRITE_PNG_COMPRESSION, PNG_LEVEL])
+    if not ok:
+        raise DMTCError(f"OpenCV could not encode the resized cache file {path}")
+    try:
+        atomic_write_bytes(path, buf.tobytes())
+    except OSError as err:
+        raise DMTCError(f"cannot write the resized cache file {path} ({err.strerror}): check space and "
+                        "permissions there") from err
 
 
 def _build_one(task: _Task) -> int:
@@ -138,13 +139,6 @@ def _fresh(dst: Path, src: Path) -> bool:
         return False
 
 
-def _read_manifest(root: Path) -> dict | None:
-    try:
-        return json.loads((root / MANIFEST).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
 def build_resized_cache(
     layout: DatasetLayout,
     names: Mapping[str, Iterable[str]],
@@ -162,7 +156,7 @@ def build_resized_cache(
     target = cached_layout(layout, root)
     wanted = {subset: sorted(set(subset_names)) for subset, subset_names in names.items()}
     source_root = str(layout.root.resolve())
-    manifest = _read_manifest(root)
+    manifest = read_manifest(root)
     same_source = (manifest is not None and manifest.get("version") == VERSION
                    and manifest.get("source_root") == source_root and list(manifest.get("size", [])) == list(size)
                    and bool(manifest.get("antialias", True)) == bool(antialias))
@@ -198,10 +192,7 @@ def build_resized_cache(
         "images": f"torchvision v2.Resize(size, antialias={bool(antialias)}) of the RGB image (bilinear), PNG",
         "labels": "raw label ids (dataset.label_map applies on reading), nearest, PNG",
     }
-    tmp = root / f".{MANIFEST}.{os.getpid()}.tmp"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, root / MANIFEST)
+    write_manifest(root, record)
     return target
 
 

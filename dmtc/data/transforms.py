@@ -10,7 +10,7 @@ the reference code; ``antialias=False`` resizes with plain bilinear as the refer
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,8 +18,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-IGNORE_INDEX = 255
-
+from dmtc.data.layouts import IGNORE_INDEX
 
 PAD_FILLS = ("mean", "black")
 """Crop padding of the image: ``mean`` = 0 after normalisation (the mean colour), ``black`` = 0 before it
@@ -134,3 +133,38 @@ def pad_values(mean: Sequence[float], std: Sequence[float], pad_fill: str = "mea
     if pad_fill == "black":
         return [-float(m) / float(s) for m, s in zip(mean, std)]
     return [0.0] * len(mean)
+
+
+def stacks_inputs(norms: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether models fed with the input pipelines ``norms`` need one input block each (they differ)."""
+    return any(dict(n) != dict(norms[0]) for n in norms[1:])
+
+
+class StackedModelInput(v2.Transform):
+    """:class:`~dmtc.data.transforms.ToModelInput` for several models whose initialisations need different
+    input pipelines (DMT's pair: A from COCO/Caffe weights, BGR 0–255; B from ImageNet, RGB [0, 1]).
+
+    The image becomes one normalised 3-channel block per pipeline, stacked on the channel axis (model i
+    reads channels ``3i:3i+3``, :meth:`dmtc.module.SegmentationModule.model_input`); masks pass as in
+    ``ToModelInput``. The geometric steps after it (crop padded with 0, flip) act on every block alike,
+    so each model sees exactly the crop it would see with its own pipeline alone.
+    """
+
+    def __init__(self, norms: Sequence[Mapping[str, Any]]) -> None:
+        super().__init__()
+        self.parts = [ToModelInput(**dict(n)) for n in norms]
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:  # noqa: D102
+        if isinstance(inpt, tv_tensors.Image):
+            blocks = [part.transform(inpt, params).as_subclass(torch.Tensor) for part in self.parts]
+            return tv_tensors.Image(torch.cat(blocks, dim=-3))
+        return self.parts[0].transform(inpt, params)
+
+
+def stack_model_inputs(transform: v2.Compose, norms: Sequence[Mapping[str, Any]]) -> v2.Compose:
+    """``transform`` (built with ``norms[0]``) with its normalisation step replaced by a
+    :class:`StackedModelInput` of ``norms`` when they differ; unchanged otherwise."""
+    if not stacks_inputs(norms):
+        return transform
+    steps = [StackedModelInput(norms) if isinstance(t, ToModelInput) else t for t in transform.transforms]
+    return v2.Compose(steps)

@@ -18,10 +18,8 @@ import cv2
 import numpy as np
 
 from dmtc.data.datasets import read_label
-from dmtc.data.layouts import DatasetLayout
+from dmtc.data.layouts import IGNORE_INDEX, DatasetLayout
 from dmtc.errors import DMTCError
-
-IGNORE_INDEX = 255
 
 
 @dataclass

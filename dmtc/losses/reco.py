@@ -40,7 +40,8 @@ Resolution: the loss works at whatever resolution it is given. ReCo computes it 
 instead upsamples the features to crop resolution, which is much more expensive.
 
 Sampling is a separate step (:func:`sample_reco` → :class:`RecoSample` of indices) so tests can evaluate
-the same draw two ways; :func:`reco_loss` = :func:`sample_reco` + :func:`reco_loss_from_sample`.
+the same draw two ways; :func:`reco_loss` = :func:`sample_reco` + :func:`reco_loss_from_sample`. The
+sampling lives in :mod:`dmtc.losses.reco_sampling` and is re-exported here (import it from this module).
 
 Usage in a training step (one bank shared by the step, kept on the features' device)::
 
@@ -60,14 +61,14 @@ reads of small tensors synchronise with a GPU once per call.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from dmtc.memory_bank import ClassMemoryBank
+from dmtc.losses.reco_sampling import RecoSample, gather_keys, sample_reco
 
 __all__ = [
     "RecoSample",
@@ -95,218 +96,6 @@ def downsample_nearest(
     small_valid = F.interpolate(valid.unsqueeze(1).float(), size=size, mode="nearest").squeeze(1)
     small_probs = F.interpolate(probs, size=size, mode="nearest")
     return small_labels.round().to(labels.dtype), small_valid > 0.5, small_probs
-
-
-@dataclass(frozen=True)
-class RecoSample:
-    """One draw of ReCo's anchors and keys, as indices (all tensors on the features' device).
-
-    Keys are addressed in one index space: ``i < N·h·w`` is the flat pixel ``n·h·w + y·w + x`` of the
-    batch, ``i ≥ N·h·w`` is slot ``i - N·h·w`` of the memory bank's ``features`` viewed as (C·K)×D
-    (so its class is ``(i - N·h·w) // K``). :func:`gather_keys` turns indices into unit vectors.
-
-    Attributes:
-        num_classes_present: K, the loss denominator (classes present among valid batch pixels).
-        anchor_class: (A,) class ids of the present classes that have hard anchors (A ≤ K).
-        anchor_index: (A, Q) flat pixel indices of the anchors.
-        positive: (A, D) unit prototypes of the anchor classes (no gradient).
-        negative_index: key indices; (A, M) when shared by a class's queries, (A, Q, M) when exact.
-        key_pixels: (P,) flat indices of the valid batch pixels (the batch part of the key pool).
-        bank_slots: (B,) filled bank slots (the bank part of the key pool, offset by N·h·w in indices).
-        pixel_features: (N·h·w)×D float32 detached copy of the features, pixel-major (rows gather fast).
-        pixel_inv_norm: (N·h·w,) 1 / max(‖f‖, 1e-12) per pixel.
-        bank_features: (C·K)×D view of the bank (0×D without one).
-        bank_size_per_class: K (0 without a bank).
-    """
-
-    num_classes_present: int
-    anchor_class: Tensor
-    anchor_index: Tensor
-    positive: Tensor
-    negative_index: Tensor
-    key_pixels: Tensor
-    bank_slots: Tensor
-    pixel_features: Tensor
-    pixel_inv_norm: Tensor
-    bank_features: Tensor
-    bank_size_per_class: int
-
-
-def _check_inputs(features: Tensor, labels: Tensor, valid: Tensor, probs: Tensor) -> None:
-    if features.dim() != 4:
-        raise ValueError(f"features must be N×D×h×w, got {tuple(features.shape)}")
-    n, _, h, w = features.shape
-    if labels.shape != (n, h, w) or valid.shape != (n, h, w):
-        raise ValueError(
-            f"labels and valid must be N×h×w = {(n, h, w)} (the features' size; see downsample_nearest), "
-            f"got {tuple(labels.shape)} and {tuple(valid.shape)}"
-        )
-    if probs.dim() != 4 or probs.shape[0] != n or probs.shape[2:] != (h, w):
-        raise ValueError(f"probs must be N×C×h×w with N, h, w = {(n, h, w)}, got {tuple(probs.shape)}")
-
-
-def _sample_categorical(probs: Tensor, num_samples: int, generator: torch.Generator | None) -> Tensor:
-    """``num_samples`` i.i.d. draws per row of a row-stochastic (R×C) matrix, by inverse CDF in float64."""
-    cdf = torch.cumsum(probs.double(), dim=1)
-    u = torch.rand(probs.shape[0], num_samples, generator=generator, device=probs.device, dtype=torch.float64)
-    u = u * cdf[:, -1:]
-    draws = torch.searchsorted(cdf, u, right=True)  # first class whose cdf exceeds u (skips p = 0)
-    columns = torch.arange(probs.shape[1], device=probs.device)
-    last_allowed = torch.where(probs > 0, columns, -1).amax(dim=1, keepdim=True)
-    return torch.minimum(draws, last_allowed)  # guards u rounding up to the total
-
-
-def _uniform_below(counts: Tensor, generator: torch.Generator | None) -> Tensor:
-    """A uniform integer in ``[0, counts)`` per element (0 where counts == 0)."""
-    u = torch.rand(counts.shape, generator=generator, device=counts.device, dtype=torch.float64)
-    draws = torch.floor(u * counts).long()
-    return torch.minimum(draws, (counts - 1).clamp_min(0))
-
-
-@torch.no_grad()
-def gather_keys(sample: RecoSample, index: Tensor) -> Tensor:
-    """Unit-norm key vectors (float32, no gradient) for key indices of any shape S → S×D."""
-    num_pixels = sample.pixel_features.shape[0]
-    if sample.bank_slots.numel() == 0:  # batch only: every index is a pixel
-        flat = index.reshape(-1)
-        rows = sample.pixel_features.index_select(0, flat).mul_(sample.pixel_inv_norm[flat].unsqueeze(1))
-        return rows.view(*index.shape, -1)
-    in_bank = index >= num_pixels
-    pixel_index = torch.where(in_bank, 0, index)
-    pixel = sample.pixel_features[pixel_index] * sample.pixel_inv_norm[pixel_index].unsqueeze(-1)
-    bank = sample.bank_features[torch.where(in_bank, index - num_pixels, 0)].float()
-    return torch.where(in_bank.unsqueeze(-1), bank, pixel)
-
-
-@torch.no_grad()
-def sample_reco(
-    features: Tensor,
-    labels: Tensor,
-    valid: Tensor,
-    probs: Tensor,
-    strong_threshold: float = 0.97,
-    temperature: float = 0.5,
-    num_queries: int = 256,
-    num_negatives: int = 512,
-    memory: ClassMemoryBank | None = None,
-    shared_negatives: bool = True,
-    generator: torch.Generator | None = None,
-    bank_prototypes: bool = False,
-    raw_prototypes: bool = False,
-) -> RecoSample | None:
-    """Draw ReCo's anchors and negative keys (see the module docstring); ``None`` when the loss is 0.
-
-    Random numbers are drawn in a fixed order (anchors, negative classes, negative members) with shapes
-    that do not depend on the bank's content, so an empty bank reproduces batch mode exactly.
-    ``features`` must be finite everywhere (ignored pixels get weight 0 in a matmul, and 0·inf = NaN).
-    """
-    _check_inputs(features, labels, valid, probs)
-    n, dim, h, w = features.shape
-    num_classes = probs.shape[1]
-    device = features.device
-    hw = h * w
-
-    valid = valid.bool()
-    pix = valid.reshape(-1).nonzero().squeeze(1)  # flat indices of valid pixels, ascending
-    lab = labels.reshape(-1)[pix].long()
-    if bool(((lab < 0) | (lab >= num_classes)).any()):  # one host sync for the check, not two
-        raise ValueError(
-            f"valid pixels must have labels in [0, {num_classes}); got {int(lab.min())}..{int(lab.max())} "
-            "(mark ignored pixels, e.g. 255, as not valid)"
-        )
-    own_prob = probs.detach().flatten(2)[pix // hw, lab, pix % hw]
-
-    # The memory bank: member r of class c is slot r (filled slots of a class are 0..count-1).
-    if memory is not None:
-        if memory.num_classes != num_classes or memory.dim != dim:
-            raise ValueError(
-                f"memory bank is {memory.num_classes} classes × {memory.dim} dims, the loss got "
-                f"{num_classes} classes × {dim} dims"
-            )
-        bank_k = memory.size_per_class
-        bank_features = memory.features.to(device).reshape(num_classes * bank_k, dim)
-        n_bank = memory.count.to(device)
-    else:
-        bank_k = 0
-        bank_features = torch.zeros(0, dim, device=device)
-        n_bank = torch.zeros(num_classes, dtype=torch.long, device=device)
-    filled = torch.arange(bank_k, device=device).unsqueeze(0) < n_bank.unsqueeze(1)  # C×K
-    bank_slots = filled.reshape(-1).nonzero().squeeze(1)
-
-    n_batch = torch.bincount(lab, minlength=num_classes)
-    n_all = n_batch + n_bank
-    present = (n_batch > 0).nonzero().squeeze(1)  # the query classes
-    if present.numel() == 0 or int((n_all > 0).sum()) < 2:
-        return None
-
-    # One pixel-major float32 copy of the features: fast row gathers for prototypes and keys.
-    pixel_features = torch.empty(n, h, w, dim, device=device)
-    pixel_features.copy_(features.detach().permute(0, 2, 3, 1))
-    pixel_features = pixel_features.view(n * hw, dim)
-    pixel_inv_norm = 1.0 / torch.linalg.vector_norm(pixel_features, dim=1).clamp_min(1e-12)
-
-    # Prototypes: normalise(Σ f_i/‖f_i‖) over the class's valid pixels (and bank entries), as one
-    # matmul of a C×(N·h·w) weight matrix (1/‖f_i‖ at (label_i, i), 0 elsewhere) with the features.
-    weight = torch.zeros(num_classes, n * hw, device=device)
-    weight[lab, pix] = 1.0 if raw_prototypes else pixel_inv_norm[pix]  # ReCo/DMTC: the raw features' mean
-    sum_batch = weight @ pixel_features  # C×D
-    if bank_slots.numel():
-        bank_cube = bank_features.view(num_classes, bank_k, dim).float()
-        sum_bank = torch.einsum("ck,ckd->cd", filled.float(), bank_cube)
-    else:
-        sum_bank = torch.zeros_like(sum_batch)
-    if bank_prototypes:
-        proto = F.normalize(sum_batch + sum_bank, dim=1)
-    else:
-        proto = F.normalize(torch.where((n_batch > 0).unsqueeze(1), sum_batch, sum_bank), dim=1)
-
-    # Negative-class distribution P(k | c) = softmax over present k ≠ c of cos(p_c, p_k) / τ.
-    classes = torch.arange(num_classes, device=device)
-    allowed = (n_all > 0).unsqueeze(0) & (classes.unsqueeze(0) != present.unsqueeze(1))
-    sim = (proto[present] @ proto.T) / temperature
-    neg_class_prob = torch.softmax(sim.masked_fill(~allowed, float("-inf")), dim=1)  # K×C
-
-    # Hard anchors: uniform with replacement among each class's hard valid pixels.
-    hard = own_prob < strong_threshold
-    hard_lab = lab[hard]
-    hard_pix = pix[hard][torch.argsort(hard_lab, stable=True)]
-    hard_counts = torch.bincount(hard_lab, minlength=num_classes)
-    n_hard = hard_counts[present]
-    start_hard = (torch.cumsum(hard_counts, 0) - hard_counts)[present]
-    pick = _uniform_below(n_hard.unsqueeze(1).expand(-1, num_queries), generator)
-    has_anchor = n_hard > 0
-    anchor_index = hard_pix[(start_hard.unsqueeze(1) + pick)[has_anchor]]
-    anchor_class = present[has_anchor]
-
-    # Negatives: a class k ~ P(k | c), then a uniform member of k among batch pixels ∪ bank entries.
-    per_class = num_negatives if shared_negatives else num_queries * num_negatives
-    neg_class = _sample_categorical(neg_class_prob[has_anchor], per_class, generator)
-    member = _uniform_below(n_all[neg_class], generator)
-    nb = n_batch[neg_class]
-    batch_sorted = pix[torch.argsort(lab, stable=True)]
-    start_batch = torch.cumsum(n_batch, 0) - n_batch
-    in_batch = member < nb
-    negative_index = torch.where(
-        in_batch,
-        batch_sorted[torch.where(in_batch, start_batch[neg_class] + member, 0)],
-        n * hw + neg_class * bank_k + (member - nb),
-    )
-    if not shared_negatives:
-        negative_index = negative_index.view(-1, num_queries, num_negatives)
-
-    return RecoSample(
-        num_classes_present=int(present.numel()),
-        anchor_class=anchor_class,
-        anchor_index=anchor_index,
-        positive=proto[anchor_class],
-        negative_index=negative_index,
-        key_pixels=pix,
-        bank_slots=bank_slots,
-        pixel_features=pixel_features,
-        pixel_inv_norm=pixel_inv_norm,
-        bank_features=bank_features,
-        bank_size_per_class=bank_k,
-    )
 
 
 def _zero_with_grad_path(features: Tensor) -> Tensor:
@@ -422,17 +211,14 @@ def reco_loss(
     labels: Tensor,
     valid: Tensor,
     probs: Tensor,
-    strong_threshold: float = 0.97,
+    *,
     temperature: float = 0.5,
-    num_queries: int = 256,
-    num_negatives: int = 512,
-    memory: ClassMemoryBank | None = None,
-    shared_negatives: bool = True,
-    generator: torch.Generator | None = None,
-    bank_prototypes: bool = False,
-    raw_prototypes: bool = False,
+    **sampling: Any,
 ) -> Tensor:
     """Regional contrastive loss (ReCo, Liu et al., ICLR 2022) as in DMTC; see the module docstring.
+
+    :func:`~dmtc.losses.reco_sampling.sample_reco` draws anchors and keys with ``temperature`` and the
+    ``sampling`` options (its keyword arguments, listed below), then :func:`reco_loss_from_sample` scores them.
 
     Args:
         features: N×D×h×w projection-head output (normalised along D inside; must be finite).
@@ -442,7 +228,7 @@ def reco_loss(
         probs: N×C×h×w softmax probabilities (hard anchors: ``probs[label] < strong_threshold``).
         strong_threshold, temperature, num_queries, num_negatives: ReCo's hyper-parameters
             (DMTC: 0.97, 0.5, 256, 512).
-        memory: optional :class:`~dmtc.memory_bank.ClassMemoryBank`; negatives come from batch ∪ bank,
+        memory: optional :class:`~dmtc.losses.memory_bank.ClassMemoryBank`; negatives come from batch ∪ bank,
             and bank-only classes can be negative classes. An empty bank gives exactly the batch-mode loss.
         shared_negatives: share a class's M negatives among its queries (default) or draw per query.
         generator: torch.Generator on the features' device for all sampling.
@@ -453,10 +239,7 @@ def reco_loss(
         A float32 scalar; 0 (with a zero-gradient path to ``features``) if fewer than two classes are
         present or no pixel is valid.
     """
-    sample = sample_reco(
-        features, labels, valid, probs, strong_threshold, temperature, num_queries, num_negatives,
-        memory, shared_negatives, generator, bank_prototypes, raw_prototypes,
-    )
+    sample = sample_reco(features, labels, valid, probs, temperature=temperature, **sampling)
     if sample is None:
         return _zero_with_grad_path(features)
     return reco_loss_from_sample(features, sample, temperature)

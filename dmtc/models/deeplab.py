@@ -104,7 +104,7 @@ class DeepLabV2(nn.Module):
     ``projection`` (:class:`ProjectionHead` or None), ``projection_dim`` (its width or None),
     ``projection_hidden``, ``head_init``, ``align_corners`` (how :meth:`upsample` interpolates) and
     ``inputs`` (the input pipeline the weights expect, ``{"init", "mean", "std", "bgr", "value_scale"}``, set
-    by whoever initialises the weights, :func:`dmtc.builders.build_model`; None if unknown).
+    by whoever initialises the weights, :func:`dmtc.models.inits.build_model`; None if unknown).
     """
 
     def __init__(

@@ -1,9 +1,10 @@
-"""Data of a DMT phase: unlabeled images carrying both models' pseudo labels, joined with labeled batches.
+"""Pseudo-labeled data of a DMT phase: unlabeled images carrying the models' pseudo labels, joined with
+labeled batches.
 
 DMT (Feng et al., Pattern Recognition 2022, §3) trains A on B's pseudo labels and B on A's in phase k.
-Each model labeled the unlabeled split once (:mod:`dmtc.pseudo_labels` stores); the class-balanced
+Each model labeled the unlabeled split once (:mod:`dmtc.dmt.store`); the class-balanced
 curriculum for the phase's ratio r_k is a per-class confidence threshold applied here, at load time
-(``label[score < t[label]] = 255``, on the stored scores ``-log(1 - p)``, :mod:`dmtc.pseudo_labels`).
+(``label[score < t[label]] = 255``, on the stored scores ``-log(1 - p)``, :mod:`dmtc.dmt.scores`).
 The four maps (``label_a, conf_a, label_b, conf_b``) travel through
 the same joint v2 transform as the image, wrapped as ``tv_tensors.Mask`` (nearest resizing, crops padded
 with 255), so every geometric augmentation moves them together.
@@ -28,11 +29,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
-from dmtc.data.datasets import SegmentationDataset, read_image
-from dmtc.data.layouts import DatasetLayout
-from dmtc.pseudo_labels import PseudoLabelStore, apply_thresholds, decode_score, score_to_confidence
+from dmtc.data.datamodule import SegmentationDataModule
+from dmtc.data.datasets import RepeatedDataset, SegmentationDataset, read_image
+from dmtc.data.layouts import IGNORE_INDEX, DatasetLayout
+from dmtc.dmt.curriculum import apply_thresholds
+from dmtc.dmt.scores import decode_score, score_to_confidence
+from dmtc.dmt.store import PseudoLabelStore
 
-__all__ = ["PseudoLabeledDataset", "RepeatedDataset", "build_pair_phase_loader", "build_phase_loader"]
+__all__ = ["PseudoLabeledDataset", "build_pair_phase_loader", "build_phase_loader"]
 
 
 class PseudoLabeledDataset(Dataset):
@@ -52,7 +56,7 @@ class PseudoLabeledDataset(Dataset):
         stores: dict[str, PseudoLabelStore],
         thresholds: dict[str, Sequence[float] | np.ndarray | torch.Tensor],
         transform: Callable[..., Any],
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
     ) -> None:
         if set(stores) != set(thresholds):
             raise ValueError(f"stores {sorted(stores)} and thresholds {sorted(thresholds)} must name the same models")
@@ -88,22 +92,6 @@ class PseudoLabeledDataset(Dataset):
             item[f"label_{key}"] = label_t
             item[f"conf_{key}"] = score_to_confidence(decode_score(code_t))
         return item
-
-
-class RepeatedDataset(Dataset):
-    """``dataset`` repeated (index modulo its length) to ``length`` items; a shuffling sampler then mixes
-    whole repetitions, so every item appears ⌊length/n⌋ or ⌈length/n⌉ times per epoch."""
-
-    def __init__(self, dataset: Dataset, length: int) -> None:
-        if len(dataset) == 0:
-            raise ValueError("cannot repeat an empty dataset")
-        self.dataset, self.length = dataset, int(length)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> Any:
-        return self.dataset[index % len(self.dataset)]
 
 
 def phase_loaders(
@@ -172,3 +160,51 @@ def build_pair_phase_loader(
 def phase_batches(num_unlabeled: int, unlabeled_batch_size: int, world_size: int = 1) -> int:
     """Batches per device in one DMT phase epoch (one pass over the unlabeled set)."""
     return max(0, math.floor(num_unlabeled / (unlabeled_batch_size * world_size)))
+
+
+def phase_loader_factory(
+    datamodule: SegmentationDataModule,
+    layout: DatasetLayout,
+    unlabeled_subset: str,
+    unlabeled: Sequence[str],
+    stores: Mapping[str, PseudoLabelStore],
+    thresholds: Mapping[str, torch.Tensor],
+    *,
+    streams: str,
+    order: Callable[[Sequence[str], str], list[str]],
+    labeled_batch_size: int,
+    unlabeled_batch_size: int,
+    num_workers: int,
+) -> Callable[[int], CombinedLoader]:
+    """``make_loader(world_size)`` of one DMT phase (for :meth:`SegmentationDataModule.serve_phase`).
+
+    The labeled batches come from the run's whole labeled split in every ``pair_init`` mode (DMT's VOC
+    1/106 script trains its phases with ``--train-set=106``, not the ``-l``/``-r`` lists).
+    ``streams="shared"``: one stream with the warm-up's training transform (one normalised block per model
+    when their inits differ) and both models' pseudo labels; ``"independent"``: model k reads the labeled
+    split and the unlabeled images with the *other* model's labels (its targets), in its own order
+    (``order(names, k)``, :func:`dmtc.dmt.pair.stream_order`) and augmentation, through its own input
+    pipeline."""
+    sizes = {"labeled_batch_size": labeled_batch_size, "unlabeled_batch_size": unlabeled_batch_size,
+             "num_workers": num_workers}
+    if streams == "shared":
+        pseudo = PseudoLabeledDataset(layout, unlabeled_subset, unlabeled, dict(stores), dict(thresholds),
+                                      datamodule.train_transform)
+        labeled = datamodule.train_dataset()
+
+        def make_shared(world_size: int) -> CombinedLoader:
+            return build_phase_loader(labeled, pseudo, world_size=world_size, **sizes)
+
+        return make_shared
+    per_model = {}
+    for key, other in (("a", "b"), ("b", "a")):
+        transform = datamodule.model_train_transforms[key]
+        labeled_k = datamodule.train_dataset(order(datamodule.labeled, key), key)
+        unlabeled_k = PseudoLabeledDataset(layout, unlabeled_subset, order(unlabeled, key),
+                                           {other: stores[other]}, {other: thresholds[other]}, transform)
+        per_model[key] = (labeled_k, unlabeled_k)
+
+    def make_pair(world_size: int) -> CombinedLoader:
+        return build_pair_phase_loader(per_model, world_size=world_size, **sizes)
+
+    return make_pair

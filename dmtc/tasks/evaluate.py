@@ -37,16 +37,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from dmtc.builders import build_layout, input_normalization, pad_fill, prepare_dataset, resize_options
+from dmtc.data.build import build_layout, pad_fill, prepare_dataset, resize_options
 from dmtc.data.datasets import SegmentationDataset
 from dmtc.data.transforms import build_eval_transform, pad_values
 from dmtc.errors import DMTCError
 from dmtc.export import PredictionWriter
+from dmtc.files import write_json
 from dmtc.from_checkpoint import restore
 from dmtc.inference import predict_probs
 from dmtc.metrics import make_miou_metric, summarize
 from dmtc.models import model_align_corners, upsample_logits
-from dmtc.results import format_table, write_json
+from dmtc.models.inits import input_normalization
+from dmtc.report import format_table
 
 log = logging.getLogger(__name__)
 

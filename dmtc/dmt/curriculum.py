@@ -1,0 +1,233 @@
+"""DMT's class-balanced curriculum (Feng et al., Pattern Recognition 2022, §3, Algorithm 1).
+
+In phase k each class c keeps only the most confident fraction ``r_k`` of the pixels predicted as c; the
+rest become 255. Instead of re-running the model for every ratio, labeling fills one per-class histogram of
+confidence scores (:class:`ConfidenceHistogram`, scores of :mod:`dmtc.dmt.scores`); thresholds for any
+ratio come from it, and the phase's dataset applies ``label[s < t[label]] = 255`` at load time
+(:func:`apply_thresholds`). :func:`pseudo_label_summary` reports what a ratio keeps per class and, where
+ground truth exists, how correct the kept labels are (never used for training).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from dmtc.data.datasets import read_label
+from dmtc.data.layouts import IGNORE_INDEX, DatasetLayout
+from dmtc.dmt.scores import _DECODE, CODE_MAX, code_to_score, to_numpy
+from dmtc.metrics import make_miou_metric, summarize
+
+if TYPE_CHECKING:  # the store imports this module
+    from dmtc.dmt.store import PseudoLabelStore
+
+
+class ConfidenceHistogram:
+    """Per-class histograms of the confidence score of the pixels predicted as each class (DMT §3 curriculum).
+
+    Scores are ``s = -log(1 - p)`` (module docstring); ranking by s is ranking by confidence p.
+    ``counts[c, b]`` = pixels with argmax c and score in bin b = ``[edges[b], edges[b+1])`` where edges are
+    the decoded scores of codes evenly spaced over 0..65535 (float32; with the default ``bins = 65536``,
+    exactly the store's decoding table); the last bin holds s >= SCORE_MAX. Binning compares against the
+    same float32 edges :meth:`thresholds` returns, so "s >= t_c" selects exactly whole bins.
+
+    The default bins give every stored 16-bit code its own bin: thresholds are then the exact order
+    statistics of the stored scores. Coarser bins bound the threshold error by one bin. Memory: C × bins
+    int64 (10 MB for 19 classes).
+    """
+
+    def __init__(self, num_classes: int, bins: int = CODE_MAX + 1) -> None:
+        if num_classes < 1 or bins < 2:
+            raise ValueError(f"need num_classes >= 1 and bins >= 2, got {num_classes}, {bins}")
+        self.num_classes = num_classes
+        self.bins = bins
+        self.counts = torch.zeros(num_classes, bins, dtype=torch.int64)
+        codes = np.arange(bins, dtype=np.float64) * (CODE_MAX / (bins - 1))
+        self.edges = torch.from_numpy(_DECODE.copy() if bins == CODE_MAX + 1 else code_to_score(codes))
+        self._inner_edges: dict[torch.device, Tensor] = {}
+
+    def update(self, labels: Tensor, score: Tensor) -> None:
+        """Add pixels (any shape, e.g. N×H×W argmax labels and their scores); one bincount.
+
+        Labels outside ``[0, num_classes)`` (e.g. -1 or 255 for padding) are skipped.
+        """
+        labels = labels.reshape(-1).long()
+        conf = score.reshape(-1).float()
+        keep = (labels >= 0) & (labels < self.num_classes)
+        edges = self._inner_edges.get(conf.device)
+        if edges is None:
+            edges = self._inner_edges.setdefault(conf.device, self.edges[1:].to(conf.device))
+        bin_idx = torch.bucketize(conf, edges, right=True)  # number of inner edges <= conf
+        flat = (labels * self.bins + bin_idx)[keep]
+        counts = torch.bincount(flat, minlength=self.num_classes * self.bins)
+        self.counts += counts.view(self.num_classes, self.bins).to(self.counts.device)
+
+    def merge(self, other: ConfidenceHistogram) -> None:
+        """Add another histogram's counts (same classes and bins)."""
+        if other.counts.shape != self.counts.shape:
+            raise ValueError(f"cannot merge histograms of shapes {tuple(other.counts.shape)} and "
+                             f"{tuple(self.counts.shape)}")
+        self.counts += other.counts.to(self.counts.device)
+
+    def all_reduce(self) -> None:
+        """Sum the counts over torch.distributed ranks (no-op when not initialised). Call once."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        device = torch.device("cpu")
+        if dist.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        counts = self.counts.to(device)
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        self.counts = counts.cpu()
+
+    def predicted(self) -> Tensor:
+        """Pixels predicted as each class, (C,) int64."""
+        return self.counts.sum(dim=1)
+
+    def thresholds(self, ratio: float) -> Tensor:
+        """Class-balanced score thresholds (C,) float32 keeping the top ``ratio`` of each class's pixels.
+
+        Let n_c be the pixels predicted as c and k_c = ceil(ratio·n_c) (at least 1). t_c is the lower edge
+        of the highest bin b with ``Σ_{j>=b} counts[c, j] >= k_c``, so, for scores binned here:
+
+        * kept_c = #(s >= t_c) satisfies ``k_c <= kept_c < k_c + counts[c, b]``: never fewer than the
+          requested fraction, more by less than the mass of one bin;
+        * the exact order statistic (k_c-th largest score) lies in ``[t_c, next edge)``; with the
+          default bins and stored (quantised) scores it equals t_c, and kept_c exceeds k_c only by pixels
+          tied with it. In confidence units the threshold is ``score_to_confidence(t_c)``.
+
+        ``ratio >= 1`` gives t_c = 0 (keep all). A class nobody predicted gets ``inf`` (keeps nothing;
+        no pixel carries that label anyway). ``ratio`` must be in (0, 1].
+        """
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+        n = self.predicted()
+        if ratio >= 1.0:
+            t = torch.zeros(self.num_classes, dtype=torch.float32)
+        else:
+            # The 1e-9 absorbs float error such as 0.7 * 10 = 7.000000000000001 (at worst k_c is one pixel
+            # off the exact ceil, on the side of keeping more).
+            k = torch.ceil(ratio * n.double() - 1e-9).long().clamp_min(1)
+            suffix = self.counts.flip(1).cumsum(1).flip(1)
+            b = (suffix >= k[:, None]).sum(1) - 1  # suffix is non-increasing in b
+            t = self.edges[b.clamp_min(0)]
+        return torch.where(n > 0, t, torch.full_like(t, math.inf))
+
+    def kept(self, thresholds: Tensor) -> Tensor:
+        """Pixels per class with score >= t_c, (C,) int64.
+
+        Exact for thresholds returned by :meth:`thresholds` (bin edges, 0 or inf); for other values it
+        counts the bins whose lower edge is >= t_c (a lower bound).
+        """
+        t = torch.as_tensor(thresholds, dtype=torch.float32).reshape(-1, 1)
+        return (self.counts * (self.edges[None, :] >= t)).sum(dim=1)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Plain tensors: ``{"counts": C×bins int64}``."""
+        return {"counts": self.counts.clone()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        counts = torch.as_tensor(np.asarray(state["counts"])).long()
+        if counts.shape != self.counts.shape:
+            raise ValueError(f"histogram counts of shape {tuple(counts.shape)}, expected "
+                             f"{tuple(self.counts.shape)}")
+        self.counts = counts.clone()
+
+    @classmethod
+    def from_counts(cls, counts: Tensor | np.ndarray) -> ConfidenceHistogram:
+        """A histogram from a C×bins count array (e.g. loaded from a store)."""
+        counts = torch.as_tensor(np.asarray(counts)).long()
+        hist = cls(counts.shape[0], counts.shape[1])
+        hist.counts = counts.clone()
+        return hist
+
+
+def apply_thresholds(
+    label: np.ndarray | Tensor,
+    score: np.ndarray | Tensor,
+    thresholds: Sequence[float] | np.ndarray | Tensor,
+    ignore_index: int = IGNORE_INDEX,
+) -> np.ndarray | Tensor:
+    """DMT curriculum at load time: a copy of ``label`` with ``label[s < t[label]] = ignore_index``.
+
+    ``score`` and ``thresholds`` are in the same unit (the store's scores and :meth:`ConfidenceHistogram.
+    thresholds`; any monotone unit works). Works on numpy arrays or torch tensors (returns the same kind);
+    labels already equal to ``ignore_index`` stay so. Compared as float32, like the histogram's edges.
+    """
+    t = to_numpy(thresholds).astype(np.float32).reshape(-1)
+    if isinstance(label, Tensor):
+        t_torch = torch.from_numpy(t).to(label.device)
+        s = torch.as_tensor(score, device=label.device).float()
+        valid = label != ignore_index
+        drop = valid & (s < t_torch[torch.where(valid, label, torch.zeros_like(label)).long()])
+        return label.masked_fill(drop, ignore_index)
+    label = np.asarray(label)
+    valid = label != ignore_index
+    drop = valid & (to_numpy(score).astype(np.float32) < t[np.where(valid, label, 0)])
+    out = label.copy()
+    out[drop] = ignore_index
+    return out
+
+
+def pseudo_label_summary(
+    store: PseudoLabelStore,
+    histogram: ConfidenceHistogram,
+    thresholds: torch.Tensor,
+    class_names: Sequence[str],
+    ratio: float,
+    *,
+    layout: DatasetLayout | None = None,
+    subset: str | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> dict[str, Any]:
+    """Per class ``{"predicted", "kept", "threshold", "threshold_score"}`` for ``ratio``: pixel counts, the
+    confidence threshold p_c (float64, may print as 1.0 when p_c > 1 - 1e-16) and the score threshold
+    ``-log(1 - p_c)`` the dataset compares against (None for a class nobody predicts). With a layout whose
+    labels exist for every stored image (the synthetic set), also the kept pseudo labels' quality against
+    ground truth: ``quality = {"miou", "per_class_iou", "precision": {class: % of kept pixels that are
+    correct}}`` over pixels kept and not ignored in the ground truth (never used for training)."""
+    predicted, kept = histogram.predicted(), histogram.kept(thresholds)
+    classes = {
+        name: {"predicted": int(predicted[c]), "kept": int(kept[c]),
+               "threshold": -math.expm1(-float(thresholds[c])) if torch.isfinite(thresholds[c]) else None,
+               "threshold_score": float(thresholds[c]) if torch.isfinite(thresholds[c]) else None}
+        for c, name in enumerate(class_names)
+    }
+    total_pred = int(predicted.sum())
+    summary: dict[str, Any] = {
+        "ratio": float(ratio),
+        "num_images": len(store.names()),
+        "kept_fraction": round(int(kept.sum()) / total_pred, 6) if total_pred else 0.0,
+        "classes": classes,
+    }
+    names = store.names()
+    if layout is not None and subset is not None and names and all(
+        layout.label_path(subset, n).is_file() for n in names
+    ):
+        n = len(class_names)
+        metric = make_miou_metric(n, ignore_index)
+        for name in names:
+            label, conf = store.load(name)
+            pseudo = apply_thresholds(label, conf, thresholds, ignore_index)
+            gt = read_label(layout.label_path(subset, name), layout.label_map)
+            if gt.shape != pseudo.shape:
+                gt = cv2.resize(gt, pseudo.shape[::-1], interpolation=cv2.INTER_NEAREST)
+            valid = (pseudo != ignore_index) & (gt != ignore_index) & (gt < n)
+            metric.update(torch.from_numpy(pseudo[valid].astype(np.int64)),
+                          torch.from_numpy(gt[valid].astype(np.int64)))
+        confmat = metric.confmat
+        quality = summarize(confmat, class_names)
+        cols = confmat.sum(0).double()
+        quality["precision"] = {
+            name: (round(float(confmat[c, c] / cols[c]) * 100, 4) if cols[c] > 0 else None)
+            for c, name in enumerate(class_names)
+        }
+        summary["quality"] = quality
+    return summary

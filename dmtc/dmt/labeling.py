@@ -1,0 +1,182 @@
+"""Labeling: each model of phase k-1 labels the unlabeled split once (DMT, Feng et al., Pattern
+Recognition 2022, §3, Algorithm 1).
+
+One forward pass per model per phase fills a :class:`~dmtc.dmt.store.PseudoLabelStore` (label + confidence
+PNGs) and a per-class confidence histogram (:mod:`dmtc.dmt.curriculum`); thresholds for r_k come from the
+histogram and are applied when the phase's dataset loads a map.
+
+Under DDP every rank labels ``names[rank::world]``, the histograms are summed (all-reduce) and rank 0
+writes the manifest with all names, last: a store interrupted mid-write has no manifest and is never
+trusted (it is cleared and rewritten).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from dmtc.data.build import resize_options
+from dmtc.data.datasets import read_image
+from dmtc.data.layouts import DatasetLayout
+from dmtc.data.transforms import build_eval_transform
+from dmtc.dmt.curriculum import ConfidenceHistogram
+from dmtc.dmt.scores import SCORE_FORMAT, confidence_score, quantize_score
+from dmtc.dmt.store import PseudoLabelStore
+from dmtc.models.deeplab import model_align_corners, upsample_logits
+from dmtc.models.inits import input_normalization
+
+log = logging.getLogger(__name__)
+
+class _LabelingDataset(Dataset):
+    """Images for labeling: ``{"image", "name", "size"}`` with ``size`` the transformed image's (H, W)."""
+
+    def __init__(self, layout: DatasetLayout, subset: str, names: Sequence[str], transform: Any) -> None:
+        self.layout, self.subset, self.names, self.transform = layout, subset, list(names), transform
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from torchvision import tv_tensors
+
+        name = self.names[index]
+        image = read_image(self.layout.image_path(self.subset, name))
+        image_t = self.transform(tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)))
+        image_t = image_t.as_subclass(torch.Tensor)
+        return {"image": image_t, "name": name, "size": torch.tensor(image_t.shape[-2:], dtype=torch.int64)}
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def labeling_transform(cfg: DictConfig, inputs: Mapping[str, Any] | None = None) -> Any:
+    """Evaluation normalisation (``inputs``, default the config's ``backbone.init`` pipeline) at the training
+    base size (labels are made where training crops)."""
+    base = list(cfg.dataset.base_size) if cfg.dataset.get("base_size") else None
+    return build_eval_transform(base_size=base, **resize_options(cfg), **dict(inputs or input_normalization(cfg)))
+
+
+@torch.no_grad()
+def predict_to_store(
+    model: nn.Module,
+    loader: Iterable[Mapping[str, Any]],
+    store: PseudoLabelStore,
+    histogram: ConfidenceHistogram,
+    device: torch.device | str,
+    *,
+    amp: bool = False,
+) -> list[str]:
+    """One forward pass per image (DMT §3): store argmax label and confidence score, fill the histogram.
+
+    ``loader`` yields ``{"image": N×3×H×W normalised float, "name": list[str], "size": N×2 (H, W)}``
+    (``size`` optional: images padded at the bottom/right are cropped back to it). ``model(image)``
+    must return ``{"logits": N×C×h×w}`` (any stride); logits are upsampled bilinearly to H×W with the
+    model's ``align_corners`` (:func:`dmtc.models.upsample_logits`), then label = argmax and
+    score = ``-log(1 - max softmax)`` (:func:`confidence_score`). The score is quantised to the stored
+    16-bit code before it enters the histogram, so thresholds agree exactly with what
+    :meth:`PseudoLabelStore.load` returns. Only the images the loader yields are written (each DDP rank
+    its own shard); the caller all-reduces the histogram and finalizes the store. The model's
+    train/eval mode is restored. Returns the names written.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    written: list[str] = []
+    try:
+        for batch in loader:
+            images = batch["image"].to(device, non_blocking=True)
+            with torch.autocast(device_type=device.type, enabled=amp):
+                logits = model(images)["logits"]
+            height, width = images.shape[-2:]
+            if logits.shape[1] > 255:
+                raise ValueError(f"{logits.shape[1]} classes do not fit the uint8 label PNGs (max 255)")
+            logits = upsample_logits(logits.float(), (height, width), align_corners=model_align_corners(model))
+            label, score = confidence_score(logits, dim=1)
+            code, score = quantize_score(score)
+            sizes = batch.get("size")
+            if sizes is None:
+                sizes = torch.tensor([[height, width]] * images.shape[0])
+            sizes = torch.as_tensor(sizes).long().reshape(-1, 2).tolist()
+            rows = torch.arange(height, device=device).view(1, -1, 1)
+            cols = torch.arange(width, device=device).view(1, 1, -1)
+            size_t = torch.tensor(sizes, device=device)
+            inside = (rows < size_t[:, 0].view(-1, 1, 1)) & (cols < size_t[:, 1].view(-1, 1, 1))
+            histogram.update(label.masked_fill(~inside, -1), score)
+            label_np = label.to(torch.uint8).cpu().numpy()
+            code_np = code.cpu().numpy().astype(np.uint16)
+            for i, name in enumerate(batch["name"]):
+                h, w = sizes[i]
+                store.write(name, label_np[i, :h, :w], code_np[i, :h, :w])
+                written.append(name)
+    finally:
+        model.train(was_training)
+    return written
+
+
+def label_images(
+    model: nn.Module,
+    layout: DatasetLayout,
+    subset: str,
+    names: Sequence[str],
+    directory: Path,
+    *,
+    meta: Mapping[str, Any],
+    num_classes: int,
+    transform: Any,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    device: torch.device | str | None = None,
+) -> tuple[PseudoLabelStore, ConfidenceHistogram, bool]:
+    """Label ``names`` with ``model`` into a store at ``directory``; ``(store, histogram, reused)``.
+
+    A store whose manifest matches ``meta`` (plus the class count and name count) is reused as it is;
+    anything else there (a store interrupted mid-write, another model's labels) is cleared and rewritten.
+    """
+    store = PseudoLabelStore(directory)
+    expected = {**dict(meta), "num_classes": int(num_classes), "num_images": len(names),
+                "score_format": SCORE_FORMAT}
+    if store.is_complete(expected) and sorted(store.names()) == sorted(names):
+        hist = store.load_histogram()
+        if hist.num_classes == num_classes:
+            log.info("reusing complete pseudo-label store %s", directory)
+            return store, hist, True
+    rank, world = _dist_info()
+    if rank == 0:
+        if store.manifest_path.exists() or directory.exists():
+            log.info("pseudo-label store %s is incomplete or stale: rewriting it", directory)
+        store.clear()
+    _barrier()
+    shard = list(names)[rank::world]
+    loader = DataLoader(_LabelingDataset(layout, subset, shard, transform), batch_size=batch_size,
+                        num_workers=num_workers, pin_memory=torch.cuda.is_available())
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    hist = ConfidenceHistogram(num_classes)
+    start = time.perf_counter()
+    predict_to_store(model, loader, store, hist, device)
+    hist.all_reduce()
+    _barrier()
+    if rank == 0:
+        store.finalize(expected, names=names, histogram=hist)
+    _barrier()
+    log.info("labeled %d images into %s in %.1fs", len(names), directory, time.perf_counter() - start)
+    return store, hist, False

@@ -1,0 +1,264 @@
+"""The DMT protocol end to end (Feng et al., "DMT: Dynamic Mutual Training for Semi-Supervised
+Learning", Pattern Recognition 2022, §3 and Algorithm 1); ``method=dmtc`` adds DMTC's contrastive term.
+
+:func:`run_dmt`:
+
+1. **Warm-up (phase 0):** models A and B, made different as ``method.pair_init`` says
+   (:mod:`dmtc.dmt.pair`), learn the labeled split with cross-entropy, side by side (the dataset's
+   supervised schedule).
+2. **Phases k = 1..K** with label ratios r_k (``method.ratios``): each model of phase k-1 labels the
+   unlabeled split once (:mod:`dmtc.dmt.labeling`); thresholds keeping the top r_k of each class's pixels
+   come from the histogram (:mod:`dmtc.dmt.curriculum`) and are applied at load time
+   (:mod:`dmtc.dmt.phase_data`); A is trained on the labeled batches + **B's** pseudo labels and B on
+   **A's** with the dynamic mutual loss (:mod:`dmtc.dmt.mutual`), both from their phase k-1 best weights
+   with a fresh SGD + poly schedule (``method.phase``).
+
+Each model sees inputs normalised for its own initialisation everywhere (warm-up, labeling, phases,
+validation): when the two inits need different pipelines (COCO/Caffe BGR 0–255 vs ImageNet), the batches
+carry one normalised block per model (:class:`dmtc.data.transforms.StackedModelInput`).
+
+Rerunning the same command skips finished phases (their ``done.json``, :mod:`dmtc.dmt.phases`), reuses
+complete pseudo-label stores and resumes an unfinished phase from Lightning's ``last.ckpt``. One set of
+logger instances serves all phases, on one continuous step axis (:class:`dmtc.loggers.StepOffsetLogger`).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig
+from torch import nn
+
+from dmtc.data.build import build_datamodule, resize_options
+from dmtc.data.datamodule import SegmentationDataModule
+from dmtc.data.layouts import DatasetLayout
+from dmtc.data.split_resolver import Split
+from dmtc.data.transforms import build_eval_transform, stacks_inputs
+from dmtc.dmt.curriculum import pseudo_label_summary
+from dmtc.dmt.labeling import label_images
+from dmtc.dmt.mutual import MutualTrainingModule
+from dmtc.dmt.pair import PAIR, PairSpec, build_pair, pair_spec, stream_mode, stream_order, warmup_lists
+from dmtc.dmt.phase_data import phase_loader_factory
+from dmtc.dmt.phases import (
+    Phase,
+    PhaseRecord,
+    checkpoint_callbacks,
+    load_phase_weights,
+    phases_of,
+    read_done,
+    relative,
+    write_done,
+)
+from dmtc.errors import DMTCError
+from dmtc.files import is_rank_zero
+from dmtc.loggers import StepOffsetLogger
+from dmtc.models.inits import input_normalization
+from dmtc.module import ENSEMBLE
+from dmtc.report import dmt_results
+from dmtc.settings import contrastive_settings, optim_settings, phase_settings
+from dmtc.trainer import build_loggers, build_trainer, module_kwargs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """What every phase of one DMT run needs: its config and folder, the pair, the data, the loggers."""
+
+    cfg: DictConfig
+    run_dir: Path
+    pair: PairSpec
+    #: each model's input pipeline (its init's); batches stack one block per model when they differ
+    norms: dict[str, dict[str, Any]]
+    stacked: bool
+    streams: str
+    datamodule: SegmentationDataModule
+    split: Split
+    layout: DatasetLayout
+    #: per model its warm-up list (pair_init=subsets), else None
+    warmup: dict[str, list[str]] | None
+    models: dict[str, nn.Module]
+    loggers: list[Any]
+
+
+def prepare_run(cfg: DictConfig, pair: PairSpec) -> Run:
+    """The run's data (checked on disk), the pair's models and the loggers, once for all phases."""
+    norms = {k: input_normalization(cfg, init=pair.inits[k]) for k in PAIR}
+    datamodule, split = build_datamodule(cfg, input_norms=norms)
+    if not split.unlabeled:
+        raise DMTCError(f"split={cfg.split} labels every training image: DMT needs unlabeled images "
+                        "(use split=8, 20, ..., add unlabeled images (dataset.unlabeled_subset; dataset=folder: "
+                        "images/unlabeled/) or run method=supervised)")
+    layout = datamodule.layout
+    layout.check_files(split.unlabeled_subset, split.unlabeled, labels=False)
+    streams = stream_mode(cfg)
+    warmup = warmup_lists(cfg, pair, split)
+    if warmup is not None:  # subsets: each model its own list (warm-up only; phases use the split)
+        datamodule.set_model_labeled(warmup)
+    elif streams == "independent":  # each model its own order, crops and flips of the split
+        datamodule.set_model_labeled({k: stream_order(split.labeled, cfg, k) for k in PAIR})
+    return Run(cfg, Path(cfg.paths.output_dir), pair, norms, stacks_inputs([norms[k] for k in PAIR]), streams,
+               datamodule, split, layout, warmup, build_pair(cfg, pair), build_loggers(cfg))
+
+
+def stage_module(run: Run, phase: Phase) -> MutualTrainingModule:
+    """A new module per phase (a fresh optimizer, schedule and memory bank): cross-entropy in the warm-up,
+    the dynamic mutual loss in phases; DMTC's term with the stage's weight."""
+    cfg = run.cfg
+    contrastive = contrastive_settings(cfg, warmup=phase.warmup)
+    if phase.warmup:
+        return MutualTrainingModule(run.models, stage="warmup", contrastive=contrastive, stacked_inputs=run.stacked,
+                                    **module_kwargs(cfg, optim_settings(cfg)))
+    p = phase_settings(cfg)
+    return MutualTrainingModule(run.models, stage="mutual", gamma1=p.gamma1, gamma2=p.gamma2,
+                                contrastive=contrastive, stacked_inputs=run.stacked,
+                                **module_kwargs(cfg, optim_settings(cfg, lr=p.lr)))
+
+
+def stage_schedule(cfg: DictConfig, phase: Phase) -> dict[str, Any]:
+    """Trainer arguments of a phase: the warm-up keeps ``trainer.*`` (the dataset's supervised schedule);
+    a DMT phase runs ``method.phase.epochs`` (capped at ``max_steps``) and validates every
+    ``val_check_interval`` steps counted from the phase start (across epochs, as the reference's global
+    step counter), or once per epoch (null); the last step always (ValidateAtEnd)."""
+    if phase.warmup:
+        return {}
+    p = phase_settings(cfg)
+    every = p.val_check_interval
+    return {"max_epochs": p.epochs, "max_steps": p.max_steps, "num_sanity_val_steps": 0,
+            "val_check_interval": every, "check_val_every_n_epoch": None if every else 1}
+
+
+def fit_phase(run: Run, phase: Phase, step_offset: int, pseudo: dict[str, Any] | None) -> PhaseRecord:
+    """Train (or resume) one phase, load and re-validate the best A and best B, write and return its record."""
+    cfg, run_dir = run.cfg, run.run_dir
+    phase_dir = run_dir / phase.name
+    start = time.perf_counter()
+    callbacks = checkpoint_callbacks(phase_dir)
+    module = stage_module(run, phase)
+    loggers = [StepOffsetLogger(lg, step_offset) for lg in run.loggers]  # one step axis over all phases
+    trainer = build_trainer(cfg, loggers=loggers, exclude_callbacks=("model_checkpoint", "last_checkpoint"),
+                            extra_callbacks=list(callbacks.values()), default_root_dir=str(phase_dir),
+                            **stage_schedule(cfg, phase))
+    last = phase_dir / "checkpoints" / "last.ckpt"
+    resume = str(last) if last.is_file() else None
+    if resume:
+        log.info("%s: resuming from %s", phase.name, resume)
+    trainer.fit(module, datamodule=run.datamodule, ckpt_path=resume)
+
+    best: dict[str, str] = {}
+    for key in PAIR:
+        path = callbacks[key].best_model_path or callbacks["last"].best_model_path
+        if not path or not Path(path).is_file():
+            raise DMTCError(f"{phase.name}: no checkpoint of model {key} was written; validation must run at "
+                            "least once per phase (check trainer.limit_val_batches / val_check_interval)")
+        best[key] = path
+        load_phase_weights(run.models[key], path, key)
+    trainer.validate(module, dataloaders=run.datamodule.val_dataloader(), verbose=False)
+    steps = int(trainer.global_step)
+    record = PhaseRecord(
+        phase=phase.index, name=phase.name, ratio=phase.ratio, steps=steps, step_start=step_offset,
+        step_end=step_offset + steps, checkpoints={k: relative(v, run_dir) for k, v in best.items()},
+        val={k: dict(module.val_summaries[k]) for k in (*PAIR, ENSEMBLE)}, pseudo=pseudo,
+        wall_time_s=round(time.perf_counter() - start, 1),
+    )
+    if trainer.is_global_zero:
+        write_done(run_dir, record)
+        if not cfg.method.get("keep_last", False):
+            # a finished phase is never resumed: its last.ckpt (weights + optimizer of both models) goes
+            last.unlink(missing_ok=True)
+        log.info("%s done: mIoU A %.2f, B %.2f, ensemble %.2f", phase.name, record.miou("a"), record.miou("b"),
+                 record.miou(ENSEMBLE))
+    return record
+
+
+def label_phase(run: Run, phase: Phase, prev: PhaseRecord) -> dict[str, Any]:
+    """Label the unlabeled split with both phase k-1 models, thresholds for r_k, and serve the phase's
+    batches from the datamodule; returns each model's pseudo-label summary."""
+    cfg, ds = run.cfg, run.cfg.dataset
+    phase_dir = run.run_dir / phase.name
+    base_size = list(ds.base_size) if ds.get("base_size") else None
+    stores, thresholds, summaries = {}, {}, {}
+    start = time.perf_counter()
+    for key in PAIR:
+        # evaluation normalisation of the model's own init, at the training base size (labels are made
+        # where training crops); = dmtc.dmt.labeling.labeling_transform for the config's own init
+        transform = build_eval_transform(base_size=base_size, **resize_options(cfg), **run.norms[key])
+        store, hist, reused = label_images(
+            run.models[key], run.layout, run.split.unlabeled_subset, run.split.unlabeled, phase_dir / f"pseudo_{key}",
+            meta={"model": key, "source": prev.checkpoints[key], "phase": phase.index},
+            num_classes=int(ds.num_classes), transform=transform, batch_size=int(ds.val_batch_size),
+            num_workers=int(ds.num_workers),
+        )
+        stores[key], thresholds[key] = store, hist.thresholds(float(phase.ratio))
+        quality = bool(cfg.method.get("pseudo_quality", True))
+        summaries[key] = pseudo_label_summary(
+            store, hist, thresholds[key], list(ds.class_names), float(phase.ratio),
+            layout=run.layout if quality else None, subset=run.split.unlabeled_subset,
+        )
+        summaries[key]["reused"] = reused
+    log.info("%s: pseudo labels ready in %.1fs (kept A %.1f%%, B %.1f%% of pixels)", phase.name,
+             time.perf_counter() - start, 100 * summaries["a"]["kept_fraction"], 100 * summaries["b"]["kept_fraction"])
+    p = phase_settings(cfg)
+    run.datamodule.serve_phase(phase_loader_factory(
+        run.datamodule, run.layout, run.split.unlabeled_subset, run.split.unlabeled, stores, thresholds,
+        streams=run.streams, order=lambda names, key: stream_order(list(names), cfg, key),
+        labeled_batch_size=p.labeled_batch_size, unlabeled_batch_size=p.unlabeled_batch_size,
+        num_workers=int(ds.num_workers),
+    ))
+    return summaries
+
+
+def check_settings(cfg: DictConfig) -> tuple[list[Phase], PairSpec]:
+    """The phases and the pair, every setting of the method checked before any work."""
+    phases = phases_of(cfg)
+    contrastive_settings(cfg, warmup=True)
+    if len(phases) > 1:
+        phase_settings(cfg)
+        contrastive_settings(cfg, warmup=False)
+    return phases, pair_spec(cfg)
+
+
+def run_dmt(cfg: DictConfig) -> dict[str, Any]:
+    """Run (or resume) the whole DMT protocol as configured; return the results (``results.json``)."""
+    run_dir = Path(cfg.paths.output_dir)
+    phases, pair = check_settings(cfg)
+    if cfg.get("overwrite", False) and is_rank_zero():
+        (run_dir / "results.json").unlink(missing_ok=True)
+        for phase in phases:
+            shutil.rmtree(run_dir / phase.name, ignore_errors=True)
+    start = time.perf_counter()
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    run = prepare_run(cfg, pair)
+    log.info("DMT on %s split=%s sid=%s: %d labeled, %d unlabeled, %d val images; phases %s",
+             cfg.dataset.name, run.split.name, cfg.sid, len(run.split.labeled), len(run.split.unlabeled),
+             len(run.split.val), [p.name for p in phases])
+    warm = {k: f"{pair.warmup[k]} ({len(run.warmup[k])} images)" for k in PAIR} if run.warmup else None
+    log.info("pair_init=%s: A init %s seed %d%s, B init %s seed %d%s%s", pair.mode, pair.inits["a"], pair.seeds["a"],
+             f" warm-up on {warm['a']}" if warm else "", pair.inits["b"], pair.seeds["b"],
+             f" warm-up on {warm['b']}" if warm else "", "; one input block per model" if run.stacked else "")
+
+    records: list[PhaseRecord] = []
+    pending: PhaseRecord | None = None  # a finished phase whose weights the pair needs before the next one
+    for phase in phases:
+        record = read_done(run_dir, phase)
+        if record is not None:
+            log.info("%s finished earlier: skipping it (delete %s to retrain it)", phase.name,
+                     run_dir / phase.name / "done.json")
+            records.append(record)
+            pending = record
+            continue
+        if pending is not None:
+            for key in PAIR:
+                load_phase_weights(run.models[key], pending.checkpoint(run_dir, key), key)
+        L.seed_everything(int(cfg.seed) + phase.index, workers=True, verbose=False)
+        step_offset = records[-1].step_end if records else 0
+        pseudo = None if phase.warmup else label_phase(run, phase, records[-1])
+        records.append(fit_phase(run, phase, step_offset, pseudo))
+        pending = None  # the pair now holds this phase's best weights
+    return dmt_results(cfg, run, records, time.perf_counter() - start)

@@ -1,0 +1,93 @@
+"""Files that are either complete or absent, and which process writes them.
+
+Every file dmtc writes that a later run trusts (results.json, done.json, pseudo-label stores, the resized
+cache, the synthetic set, logs) follows one protocol:
+
+1. each file is written to a temporary sibling (``.<name>.<pid>.<random>.tmp``) and moved into place with
+   ``os.replace`` (atomic on POSIX): a reader sees the old file or the new one, never half of one;
+2. a collection of files (a store, a cache) is complete only once its ``manifest.json`` is written, last,
+   by :func:`write_manifest`; :func:`read_manifest` returns it only when it matches what the reader expects.
+
+Under DDP only the global rank 0 writes shared files (:func:`is_rank_zero`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MANIFEST = "manifest.json"
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is the global rank 0: torch.distributed's rank once the process group exists,
+    else Lightning's rank as its launchers give it to each process (``rank_zero_only.rank``, from ``RANK``,
+    ``LOCAL_RANK`` or ``SLURM_PROCID``) on node 0 (``NODE_RANK``)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+
+
+def temp_sibling(path: Path) -> Path:
+    """A fresh temporary name beside ``path`` (same file system, so the final rename is atomic)."""
+    return path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary sibling and a rename; the temporary file is removed
+    if the write fails (a full disk leaves the old file, never a truncated one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """:func:`atomic_write_bytes` of UTF-8 ``text``."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike[str], data: Mapping[str, Any]) -> Path:
+    """Write ``data`` as indented JSON, atomically."""
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any | None:
+    """The parsed JSON file, or None if it is absent or unreadable."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def write_manifest(directory: str | os.PathLike[str], manifest: Mapping[str, Any], *, indent: int = 1) -> Path:
+    """Write ``<directory>/manifest.json``, atomically: call it after every other file of the collection."""
+    return atomic_write_text(Path(directory) / MANIFEST, json.dumps(dict(manifest), indent=indent) + "\n")
+
+
+def read_manifest(directory: str | os.PathLike[str], expected: Mapping[str, Any] | None = None
+                  ) -> dict[str, Any] | None:
+    """The collection's manifest if it exists, is a JSON object and holds every key of ``expected`` with
+    an equal value (compared after a JSON round trip, so tuples equal lists); else None."""
+    manifest = read_json(Path(directory) / MANIFEST)
+    if not isinstance(manifest, dict):
+        return None
+    want = json.loads(json.dumps(dict(expected or {})))
+    if any(key not in manifest or manifest[key] != value for key, value in want.items()):
+        return None
+    return manifest

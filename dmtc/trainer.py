@@ -1,0 +1,117 @@
+"""The Lightning layer's assembly: the module, the loggers and the Trainer of a run, from its config.
+
+A run builds its loggers once (:func:`build_loggers`: one W&B run, one ``metrics.csv``, continued by a
+rerun) and one Trainer per stage (:func:`build_trainer`; DMT: the warm-up and each phase), whose loggers
+share one step axis through :class:`dmtc.loggers.StepOffsetLogger`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from dmtc.module import SegmentationModule
+from dmtc.settings import OptimSettings, optim_settings
+
+#: dataset keys that describe the training run's schedule, not the data: not carried into checkpoints
+_SCHEDULE_KEYS = ("schedule", "schedules")
+
+
+#: dataset keys holding paths: made absolute, so a checkpoint's settings work from any working directory
+_PATH_KEYS = ("root", "split_dir", "resized_cache_dir")
+
+
+def run_record(cfg: DictConfig) -> dict[str, Any]:
+    """What a checkpoint carries of its training run for evaluation and labeling (:mod:`dmtc.from_checkpoint`):
+    the resolved ``dataset`` settings (paths absolute, schedules dropped), ``split``, ``sid`` and the method."""
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    for key in _SCHEDULE_KEYS:
+        dataset.pop(key, None)
+    for key in _PATH_KEYS:
+        if dataset.get(key):
+            dataset[key] = str(Path(dataset[key]).expanduser().absolute())
+    return {"dataset": dataset, "split": str(cfg.split), "sid": int(cfg.sid), "method": str(cfg.method.name)}
+
+
+def module_kwargs(cfg: DictConfig, optim: OptimSettings) -> dict[str, Any]:
+    """The module's arguments of every run: the dataset's classes, the optimisation settings and the
+    run record its checkpoints carry."""
+    return {"num_classes": int(cfg.dataset.num_classes), "class_names": list(cfg.dataset.class_names),
+            **asdict(optim), "run_record": run_record(cfg)}
+
+
+def build_module(cfg: DictConfig, models: dict[str, Any]) -> SegmentationModule:
+    """LightningModule holding ``models`` with the optimisation settings of ``cfg.optim``."""
+    return SegmentationModule(models, **module_kwargs(cfg, optim_settings(cfg)))
+
+
+def _resume_kwargs(node: DictConfig, cfg: DictConfig) -> dict[str, Any]:
+    """Arguments that make logger ``node`` continue the run folder's log (:mod:`dmtc.loggers`): a
+    ``WandbLogger`` gets the run's stored W&B id (unless the config sets ``id``/``version``) and
+    ``resume="allow"``; a :class:`dmtc.loggers.CSVLogger` gets ``resume``. ``overwrite=true``
+    starts both anew."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from dmtc.loggers import CSVLogger, finish_other_wandb_run, wandb_run_id
+
+    target = node.get("_target_")
+    if not target:
+        return {}
+    cls = get_class(str(target))
+    fresh = bool(cfg.get("overwrite", False))
+    if issubclass(cls, WandbLogger):
+        if node.get("id") or node.get("version"):
+            return {}
+        run_id = wandb_run_id(cfg.paths.output_dir, fresh=fresh)
+        finish_other_wandb_run(run_id)
+        return {"id": run_id, "resume": node.get("resume") or "allow"}
+    if issubclass(cls, CSVLogger):
+        return {"resume": not fresh}
+    return {}
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    """The configured Lightning loggers, with the composed config logged as hyperparameters.
+
+    Build them once per run: DMT passes the same instances to every phase's Trainer (one W&B run). A rerun
+    of the same command continues the same logs: the same W&B run id, the same ``metrics.csv`` (see
+    :mod:`dmtc.loggers`); ``overwrite=true`` starts new ones.
+    """
+    loggers = [instantiate(c, **_resume_kwargs(c, cfg)) for c in (cfg.get("logger") or {}).values() if c is not None]
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return loggers
+
+
+def build_trainer(
+    cfg: DictConfig,
+    *,
+    loggers: list[Any] | None = None,
+    exclude_callbacks: tuple[str, ...] = (),
+    extra_callbacks: list[Any] | None = None,
+    **overrides: Any,
+) -> L.Trainer:
+    """Lightning Trainer from ``cfg.trainer`` with the configured callbacks and loggers.
+
+    ``loggers`` reuses logger instances (else they are built from ``cfg.logger``); ``exclude_callbacks``
+    names ``cfg.callbacks`` entries to leave out and ``extra_callbacks`` adds instances (DMT's per-model
+    checkpoints); ``overrides`` replace ``cfg.trainer`` arguments.
+    """
+    if loggers is None:
+        loggers = build_loggers(cfg)
+    callbacks = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None or name in exclude_callbacks:
+            continue
+        if name == "lr_monitor" and not loggers:
+            continue  # LearningRateMonitor refuses to run without a logger
+        callbacks.append(instantiate(node))
+    callbacks.extend(extra_callbacks or [])
+    kwargs: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False}
+    kwargs.update(overrides)
+    return instantiate(cfg.trainer, **kwargs)
