@@ -90,7 +90,7 @@ def test_sbd_split(compose_cfg, voc_root):
     assert split.labeled == train
     assert split.unlabeled == [n for n in trainaug if n not in set(train)]
     assert len(split.unlabeled) == NUM_TRAINAUG - NUM_TRAIN
-    assert cfg.dataset.schedule.epochs == 85 and cfg.dataset.schedule.dmt_phase.epochs == 5
+    assert cfg.dataset.schedule.max_epochs == 85 and cfg.dataset.schedule.dmt_phase.epochs == 5
 
 
 def test_difference_maximized_subsets(compose_cfg, voc_root):
@@ -104,7 +104,7 @@ def test_difference_maximized_subsets(compose_cfg, voc_root):
     assert len(left) == len(right) == 4  # 5 - ceil(0.2 * 5)
     assert set(left) | set(right) == set(labeled) and len(set(left) & set(right)) == 3
     assert subsets["l"].unlabeled == unlabeled  # the pair pseudo-labels split 8's unlabeled images
-    assert cfg.dataset.schedule.epochs == 85  # 8-l/8-r train with split 8's schedule
+    assert cfg.dataset.schedule.max_epochs == 85  # 8-l/8-r train with split 8's schedule
 
 
 def test_schedules_follow_split_and_stay_overridable(compose_cfg, voc_root):
@@ -115,12 +115,12 @@ def test_schedules_follow_split_and_stay_overridable(compose_cfg, voc_root):
     assert (cfg.trainer.max_epochs, cfg.optim.lr, cfg.trainer.val_check_interval) == (134, 0.002, 220)
     assert cfg.dataset.batch_size == 8 and cfg.trainer.check_val_every_n_epoch is None
     assert OmegaConf.to_container(cfg.dataset.schedule.dmt_phase) == {
-        "epochs": 4, "lr": 0.001, "gamma1": 5, "gamma2": 5, "labeled_batch": 1, "pseudo_batch": 7,
-        "val_every_steps": 500}
+        "epochs": 4, "lr": 0.001, "gamma1": 5, "gamma2": 5, "labeled_batch_size": 1, "unlabeled_batch_size": 7,
+        "val_check_interval": 500}
     cfg = composed("split=106")
-    assert cfg.dataset.schedule.epochs == 300 and cfg.dataset.schedule.models.b.labeled == "106-r"
+    assert cfg.dataset.schedule.max_epochs == 300 and cfg.dataset.schedule.models.b.labeled == "106-r"
     cfg = composed("split=2")  # unpublished: the documented default
-    assert cfg.dataset.schedule.epochs == 134 and cfg.dataset.schedule.val_every_steps == 500
+    assert cfg.dataset.schedule.max_epochs == 134 and cfg.dataset.schedule.val_check_interval == 500
     cfg = composed("split=20", "optim.lr=0.01", "dataset.schedules.20.dmt_phase.gamma1=2")
     assert cfg.optim.lr == 0.01 and cfg.dataset.schedule.dmt_phase.gamma1 == 2
 
@@ -129,8 +129,8 @@ def test_city_schedules(compose_cfg, tmp_path):
     root = tmp_path / "cityscapes"
     for split, epochs, every in (("8", 170, 350), ("30", 330, 100), ("4", 120, 500), ("20", 170, 350)):
         cfg = compose_cfg(overrides=["dataset=city", f"dataset.root={root}", "~debug", f"split={split}"])
-        assert cfg.dataset.schedule.epochs == epochs and cfg.optim.lr == 0.004
-        assert cfg.dataset.schedule.dmt_phase.gamma1 == 3 and cfg.dataset.schedule.dmt_phase.pseudo_batch == 6
+        assert cfg.dataset.schedule.max_epochs == epochs and cfg.optim.lr == 0.004
+        assert cfg.dataset.schedule.dmt_phase.gamma1 == 3 and cfg.dataset.schedule.dmt_phase.unlabeled_batch_size == 6
         assert cfg.trainer.max_epochs == epochs and cfg.trainer.val_check_interval == every
     cfg = compose_cfg(overrides=["dataset=city", f"dataset.root={root}", "~debug", "split=30", "trainer.max_epochs=7"])
     assert cfg.trainer.max_epochs == 7 and cfg.dataset.batch_size == 8
