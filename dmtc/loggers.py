@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.core.saving import save_hparams_to_yaml
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -60,7 +59,7 @@ def new_wandb_run_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
-def wandb_run_id(run_dir: _PATH, *, fresh: bool = False) -> str:
+def wandb_run_id(run_dir: str | os.PathLike[str], *, fresh: bool = False) -> str:
     """The W&B run id of the run in ``run_dir``: the one stored in ``run_dir/wandb_run_id`` (a resumed run
     continues its W&B run), else a new one that rank 0 stores there atomically. ``fresh=True``
     (``overwrite=true``: the run is retrained from scratch) always starts and stores a new id.
@@ -210,7 +209,7 @@ class CSVLogger(Logger):
 
     def __init__(
         self,
-        save_dir: _PATH,
+        save_dir: str | os.PathLike[str],
         name: str | None = "csv",
         version: int | str | None = "",
         prefix: str = "",
@@ -308,30 +307,12 @@ class StepOffsetLogger(Logger):
         super().__init__()
         self.logger, self.offset = logger, int(offset)
 
-    @property
-    @override
-    def name(self) -> str | None:
-        return self.logger.name
-
-    @property
-    @override
-    def version(self) -> int | str | None:
-        return self.logger.version
-
-    @property
-    @override
-    def save_dir(self) -> str | None:
-        return self.logger.save_dir
-
-    @property
-    @override
-    def root_dir(self) -> str | None:
-        return self.logger.root_dir
-
-    @property
-    @override
-    def log_dir(self) -> str | None:
-        return self.logger.log_dir
+    # the wrapped logger's folder and identity (Lightning's Logger properties)
+    name = property(lambda self: self.logger.name)
+    version = property(lambda self: self.logger.version)
+    save_dir = property(lambda self: self.logger.save_dir)
+    root_dir = property(lambda self: self.logger.root_dir)
+    log_dir = property(lambda self: self.logger.log_dir)
 
     @property
     def experiment(self) -> Any:

@@ -19,9 +19,15 @@ from torchvision.transforms import v2
 
 from dmtc.data.datamodule import SegmentationDataModule
 from dmtc.data.layouts import DatasetLayout
-from dmtc.data.split_resolver import Split, resolve_split, validate_split
+from dmtc.data.split_resolver import Split, resolve_split
 from dmtc.data.transforms import PAD_FILLS, build_eval_transform, build_train_transform, stack_model_inputs
-from dmtc.data.validation import check_folders, check_list_files
+from dmtc.data.validation import (
+    NameSet,
+    allowed_label_values,
+    check_folders,
+    check_list_files,
+    validate_dataset,
+)
 from dmtc.errors import DMTCError
 from dmtc.models.inits import input_normalization
 
@@ -110,6 +116,20 @@ def pad_fill(cfg: DictConfig) -> str:
         raise DMTCError(f"dataset.pad_fill={value!r}: use mean (0 after normalisation) or black (raw 0 before "
                         "normalisation, the reference code's padding)")
     return value
+
+
+def validate_split(cfg: DictConfig, layout: DatasetLayout, split: Split) -> None:
+    """Check the split's files before training (:mod:`dmtc.data.validation`): every listed image exists,
+    labeled and val images have labels, and a sample of labels holds only values of the class set."""
+    ds = cfg.dataset
+    allowed = allowed_label_values(int(ds.num_classes), label_map_table(cfg))
+    name_sets = [
+        NameSet(ds.train_subset, split.labeled, split.sources.get("labeled", "the labeled list")),
+        NameSet(split.unlabeled_subset or ds.train_subset, split.unlabeled,
+                split.sources.get("unlabeled", "the unlabeled list"), labels=False),
+        NameSet(ds.val_subset, split.val, split.sources.get("val", "the validation list")),
+    ]
+    validate_dataset(layout, name_sets, allowed, sample=int(ds.get("validate_samples", 8)))
 
 
 def build_datamodule(

@@ -8,5 +8,6 @@
 * :mod:`~dmtc.dmt.phase_data` — labeled + pseudo-labeled batches of a phase;
 * :mod:`~dmtc.dmt.mutual` — A trains on B's labels and B on A's (the dynamic mutual loss);
 * :mod:`~dmtc.dmt.contrast` — DMTC's contrastive term (pixels, ReCo, memory bank) for either stage;
-* :mod:`~dmtc.dmt.protocol` — warm-up, then for each r: label, train mutually; resume.
+* :mod:`~dmtc.dmt.protocol` — warm-up, then for each r: label, train mutually; resume;
+* :mod:`~dmtc.dmt.results` — what a run reports: A, B and the ensemble per phase.
 """

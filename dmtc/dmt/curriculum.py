@@ -4,29 +4,22 @@ In phase k each class c keeps only the most confident fraction ``r_k`` of the pi
 rest become 255. Instead of re-running the model for every ratio, labeling fills one per-class histogram of
 confidence scores (:class:`ConfidenceHistogram`, scores of :mod:`dmtc.dmt.scores`); thresholds for any
 ratio come from it, and the phase's dataset applies ``label[s < t[label]] = 255`` at load time
-(:func:`apply_thresholds`). :func:`pseudo_label_summary` reports what a ratio keeps per class and, where
-ground truth exists, how correct the kept labels are (never used for training).
+(:func:`apply_thresholds`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from dmtc.data.datasets import read_label
-from dmtc.data.layouts import IGNORE_INDEX, DatasetLayout
+from dmtc.data.layouts import IGNORE_INDEX
 from dmtc.dmt.scores import _DECODE, CODE_MAX, code_to_score, to_numpy
-from dmtc.metrics import make_miou_metric, summarize
-
-if TYPE_CHECKING:  # the store imports this module
-    from dmtc.dmt.store import PseudoLabelStore
 
 
 class ConfidenceHistogram:
@@ -174,60 +167,3 @@ def apply_thresholds(
     out = label.copy()
     out[drop] = ignore_index
     return out
-
-
-def pseudo_label_summary(
-    store: PseudoLabelStore,
-    histogram: ConfidenceHistogram,
-    thresholds: torch.Tensor,
-    class_names: Sequence[str],
-    ratio: float,
-    *,
-    layout: DatasetLayout | None = None,
-    subset: str | None = None,
-    ignore_index: int = IGNORE_INDEX,
-) -> dict[str, Any]:
-    """Per class ``{"predicted", "kept", "threshold", "threshold_score"}`` for ``ratio``: pixel counts, the
-    confidence threshold p_c (float64, may print as 1.0 when p_c > 1 - 1e-16) and the score threshold
-    ``-log(1 - p_c)`` the dataset compares against (None for a class nobody predicts). With a layout whose
-    labels exist for every stored image (the synthetic set), also the kept pseudo labels' quality against
-    ground truth: ``quality = {"miou", "per_class_iou", "precision": {class: % of kept pixels that are
-    correct}}`` over pixels kept and not ignored in the ground truth (never used for training)."""
-    predicted, kept = histogram.predicted(), histogram.kept(thresholds)
-    classes = {
-        name: {"predicted": int(predicted[c]), "kept": int(kept[c]),
-               "threshold": -math.expm1(-float(thresholds[c])) if torch.isfinite(thresholds[c]) else None,
-               "threshold_score": float(thresholds[c]) if torch.isfinite(thresholds[c]) else None}
-        for c, name in enumerate(class_names)
-    }
-    total_pred = int(predicted.sum())
-    summary: dict[str, Any] = {
-        "ratio": float(ratio),
-        "num_images": len(store.names()),
-        "kept_fraction": round(int(kept.sum()) / total_pred, 6) if total_pred else 0.0,
-        "classes": classes,
-    }
-    names = store.names()
-    if layout is not None and subset is not None and names and all(
-        layout.label_path(subset, n).is_file() for n in names
-    ):
-        n = len(class_names)
-        metric = make_miou_metric(n, ignore_index)
-        for name in names:
-            label, conf = store.load(name)
-            pseudo = apply_thresholds(label, conf, thresholds, ignore_index)
-            gt = read_label(layout.label_path(subset, name), layout.label_map)
-            if gt.shape != pseudo.shape:
-                gt = cv2.resize(gt, pseudo.shape[::-1], interpolation=cv2.INTER_NEAREST)
-            valid = (pseudo != ignore_index) & (gt != ignore_index) & (gt < n)
-            metric.update(torch.from_numpy(pseudo[valid].astype(np.int64)),
-                          torch.from_numpy(gt[valid].astype(np.int64)))
-        confmat = metric.confmat
-        quality = summarize(confmat, class_names)
-        cols = confmat.sum(0).double()
-        quality["precision"] = {
-            name: (round(float(confmat[c, c] / cols[c]) * 100, 4) if cols[c] > 0 else None)
-            for c, name in enumerate(class_names)
-        }
-        summary["quality"] = quality
-    return summary

@@ -3,7 +3,9 @@ Recognition 2022, §3, Algorithm 1).
 
 One forward pass per model per phase fills a :class:`~dmtc.dmt.store.PseudoLabelStore` (label + confidence
 PNGs) and a per-class confidence histogram (:mod:`dmtc.dmt.curriculum`); thresholds for r_k come from the
-histogram and are applied when the phase's dataset loads a map.
+histogram and are applied when the phase's dataset loads a map; :func:`pseudo_label_summary` reports what
+a ratio keeps per class and, where ground truth exists, how correct the kept labels are (never used for
+training).
 
 Under DDP every rank labels ``names[rank::world]``, the histograms are summed (all-reduce) and rank 0
 writes the manifest with all names, last: a store interrupted mid-write has no manifest and is never
@@ -13,11 +15,13 @@ trusted (it is cleared and rewritten).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -26,12 +30,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dmtc.data.build import resize_options
-from dmtc.data.datasets import read_image
-from dmtc.data.layouts import DatasetLayout
+from dmtc.data.datasets import read_image, read_label
+from dmtc.data.layouts import IGNORE_INDEX, DatasetLayout
 from dmtc.data.transforms import build_eval_transform
-from dmtc.dmt.curriculum import ConfidenceHistogram
+from dmtc.dmt.curriculum import ConfidenceHistogram, apply_thresholds
 from dmtc.dmt.scores import SCORE_FORMAT, confidence_score, quantize_score
 from dmtc.dmt.store import PseudoLabelStore
+from dmtc.metrics import make_miou_metric, summarize
 from dmtc.models.deeplab import model_align_corners, upsample_logits
 from dmtc.models.inits import input_normalization
 
@@ -180,3 +185,60 @@ def label_images(
     _barrier()
     log.info("labeled %d images into %s in %.1fs", len(names), directory, time.perf_counter() - start)
     return store, hist, False
+
+
+def pseudo_label_summary(
+    store: PseudoLabelStore,
+    histogram: ConfidenceHistogram,
+    thresholds: torch.Tensor,
+    class_names: Sequence[str],
+    ratio: float,
+    *,
+    layout: DatasetLayout | None = None,
+    subset: str | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> dict[str, Any]:
+    """Per class ``{"predicted", "kept", "threshold", "threshold_score"}`` for ``ratio``: pixel counts, the
+    confidence threshold p_c (float64, may print as 1.0 when p_c > 1 - 1e-16) and the score threshold
+    ``-log(1 - p_c)`` the dataset compares against (None for a class nobody predicts). With a layout whose
+    labels exist for every stored image (the synthetic set), also the kept pseudo labels' quality against
+    ground truth: ``quality = {"miou", "per_class_iou", "precision": {class: % of kept pixels that are
+    correct}}`` over pixels kept and not ignored in the ground truth (never used for training)."""
+    predicted, kept = histogram.predicted(), histogram.kept(thresholds)
+    classes = {
+        name: {"predicted": int(predicted[c]), "kept": int(kept[c]),
+               "threshold": -math.expm1(-float(thresholds[c])) if torch.isfinite(thresholds[c]) else None,
+               "threshold_score": float(thresholds[c]) if torch.isfinite(thresholds[c]) else None}
+        for c, name in enumerate(class_names)
+    }
+    total_pred = int(predicted.sum())
+    summary: dict[str, Any] = {
+        "ratio": float(ratio),
+        "num_images": len(store.names()),
+        "kept_fraction": round(int(kept.sum()) / total_pred, 6) if total_pred else 0.0,
+        "classes": classes,
+    }
+    names = store.names()
+    if layout is not None and subset is not None and names and all(
+        layout.label_path(subset, n).is_file() for n in names
+    ):
+        n = len(class_names)
+        metric = make_miou_metric(n, ignore_index)
+        for name in names:
+            label, conf = store.load(name)
+            pseudo = apply_thresholds(label, conf, thresholds, ignore_index)
+            gt = read_label(layout.label_path(subset, name), layout.label_map)
+            if gt.shape != pseudo.shape:
+                gt = cv2.resize(gt, pseudo.shape[::-1], interpolation=cv2.INTER_NEAREST)
+            valid = (pseudo != ignore_index) & (gt != ignore_index) & (gt < n)
+            metric.update(torch.from_numpy(pseudo[valid].astype(np.int64)),
+                          torch.from_numpy(gt[valid].astype(np.int64)))
+        confmat = metric.confmat
+        quality = summarize(confmat, class_names)
+        cols = confmat.sum(0).double()
+        quality["precision"] = {
+            name: (round(float(confmat[c, c] / cols[c]) * 100, 4) if cols[c] > 0 else None)
+            for c, name in enumerate(class_names)
+        }
+        summary["quality"] = quality
+    return summary

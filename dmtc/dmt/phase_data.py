@@ -121,40 +121,20 @@ def phase_loaders(
     }
 
 
-def build_phase_loader(
-    labeled: SegmentationDataset,
-    unlabeled: PseudoLabeledDataset,
-    *,
-    labeled_batch_size: int,
-    unlabeled_batch_size: int,
-    num_workers: int = 0,
-    world_size: int = 1,
-) -> CombinedLoader:
+def build_phase_loader(labeled: SegmentationDataset, unlabeled: PseudoLabeledDataset, **sizes: int) -> CombinedLoader:
     """One stream shared by both models (``method.streams=shared``): ``CombinedLoader({"labeled",
-    "unlabeled"}, mode="min_size")`` of :func:`phase_loaders`; the unlabeled items carry both models'
-    pseudo labels."""
-    loaders = phase_loaders(labeled, unlabeled, labeled_batch_size=labeled_batch_size,
-                            unlabeled_batch_size=unlabeled_batch_size, num_workers=num_workers, world_size=world_size)
-    return CombinedLoader(loaders, mode="min_size")
+    "unlabeled"}, mode="min_size")`` of :func:`phase_loaders` (``sizes``: its batch sizes, workers and world
+    size); the unlabeled items carry both models' pseudo labels."""
+    return CombinedLoader(phase_loaders(labeled, unlabeled, **sizes), mode="min_size")
 
 
-def build_pair_phase_loader(
-    streams: Mapping[str, tuple[Dataset, Dataset]],
-    *,
-    labeled_batch_size: int,
-    unlabeled_batch_size: int,
-    num_workers: int = 0,
-    world_size: int = 1,
-) -> CombinedLoader:
+def build_pair_phase_loader(streams: Mapping[str, tuple[Dataset, Dataset]], **sizes: int) -> CombinedLoader:
     """Each model its own stream (``method.streams=independent``, as the reference's two processes):
     ``streams = {key: (labeled, unlabeled)}`` becomes ``CombinedLoader({key: {"labeled", "unlabeled"}},
     mode="min_size")``: every model draws its own order, crops and flips of the same split; model k's
     unlabeled items carry only the *other* model's pseudo labels (its targets)."""
-    loaders = {key: phase_loaders(lab, unl, labeled_batch_size=labeled_batch_size,
-                                  unlabeled_batch_size=unlabeled_batch_size, num_workers=num_workers,
-                                  world_size=world_size)
-               for key, (lab, unl) in streams.items()}
-    return CombinedLoader(loaders, mode="min_size")
+    return CombinedLoader({key: phase_loaders(lab, unl, **sizes) for key, (lab, unl) in streams.items()},
+                          mode="min_size")
 
 
 def phase_batches(num_unlabeled: int, unlabeled_batch_size: int, world_size: int = 1) -> int:

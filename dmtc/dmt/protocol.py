@@ -40,8 +40,7 @@ from dmtc.data.datamodule import SegmentationDataModule
 from dmtc.data.layouts import DatasetLayout
 from dmtc.data.split_resolver import Split
 from dmtc.data.transforms import build_eval_transform, stacks_inputs
-from dmtc.dmt.curriculum import pseudo_label_summary
-from dmtc.dmt.labeling import label_images
+from dmtc.dmt.labeling import label_images, pseudo_label_summary
 from dmtc.dmt.mutual import MutualTrainingModule
 from dmtc.dmt.pair import PAIR, PairSpec, build_pair, pair_spec, stream_mode, stream_order, warmup_lists
 from dmtc.dmt.phase_data import phase_loader_factory
@@ -55,12 +54,12 @@ from dmtc.dmt.phases import (
     relative,
     write_done,
 )
+from dmtc.dmt.results import dmt_results
 from dmtc.errors import DMTCError
 from dmtc.files import is_rank_zero
 from dmtc.loggers import StepOffsetLogger
 from dmtc.models.inits import input_normalization
 from dmtc.module import ENSEMBLE
-from dmtc.report import dmt_results
 from dmtc.settings import contrastive_settings, optim_settings, phase_settings
 from dmtc.trainer import build_loggers, build_trainer, module_kwargs
 
@@ -196,7 +195,7 @@ def label_phase(run: Run, phase: Phase, prev: PhaseRecord) -> dict[str, Any]:
             num_workers=int(ds.num_workers),
         )
         stores[key], thresholds[key] = store, hist.thresholds(float(phase.ratio))
-        quality = bool(cfg.method.get("pseudo_quality", True))
+        quality = bool(cfg.method.pseudo_quality)
         summaries[key] = pseudo_label_summary(
             store, hist, thresholds[key], list(ds.class_names), float(phase.ratio),
             layout=run.layout if quality else None, subset=run.split.unlabeled_subset,
@@ -261,4 +260,4 @@ def run_dmt(cfg: DictConfig) -> dict[str, Any]:
         pseudo = None if phase.warmup else label_phase(run, phase, records[-1])
         records.append(fit_phase(run, phase, step_offset, pseudo))
         pending = None  # the pair now holds this phase's best weights
-    return dmt_results(cfg, run, records, time.perf_counter() - start)
+    return dmt_results(cfg, run.split, pair, run.warmup, run.stacked, records, time.perf_counter() - start)

@@ -10,8 +10,7 @@ from omegaconf import DictConfig
 
 from dmtc.data.build import build_layout, prepare_dataset
 from dmtc.data.split_resolver import resolve_split
-from dmtc.dmt.curriculum import pseudo_label_summary
-from dmtc.dmt.labeling import label_images, labeling_transform
+from dmtc.dmt.labeling import label_images, labeling_transform, pseudo_label_summary
 from dmtc.errors import DMTCError
 from dmtc.files import write_json
 from dmtc.from_checkpoint import restore

@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from dmtc.errors import DMTCError
-from dmtc.report import RESULTS, write_results
+from dmtc.report import RESULTS, results_table, write_results
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         from dmtc.supervised import run_supervised
 
         results = run_supervised(cfg)
+        table = results_table(results)
     else:
         from dmtc.dmt.protocol import run_dmt
+        from dmtc.dmt.results import dmt_table
 
         results = run_dmt(cfg)
-    write_results(run_dir, results)
+        table = dmt_table(results)
+    write_results(run_dir, results, table)
     return results
