@@ -156,6 +156,79 @@ def _contradictions(arch: Mapping[str, Any], overrides: Mapping[str, Any], cfg: 
     return found
 
 
+def _apply_run_dataset(cfg: DictConfig, ckpt: Path, record: Mapping[str, Any] | None,
+                       overrides: Mapping[str, Any]) -> str:
+    """Put the training run's dataset settings (recorded in the checkpoint, else its run folder's
+    ``.hydra/config.yaml``) into ``cfg`` unless the command line names a dataset; returns where they came from."""
+    run = record if record and record.get("dataset") else None
+    where = f"recorded in {ckpt.name}"
+    if run is None:
+        found = _run_folder_record(ckpt)
+        if found is not None:
+            run, path = found
+            where = f"from the training run's {path}"
+    if run is None or "dataset" in overrides:
+        return "the command line / config"
+    _apply_dataset(cfg, run, overrides)
+    return f"{run['dataset'].get('name')} settings {where}"
+
+
+def _recorded_model(cfg: DictConfig, ckpt: Path, record: Mapping[str, Any], model_key: str | None,
+                    overrides: Mapping[str, Any]) -> tuple[dict[str, Any], str, dict[str, Any], str]:
+    """``(architecture, init, inputs, key)`` of model ``model_key`` (default ``a``) as a dmtc checkpoint
+    records it; flags that contradict the record, or a dataset with another class count, are one error."""
+    models = record["models"]
+    key = model_key if model_key is not None else ("a" if "a" in models else next(iter(models)))
+    if key not in models:
+        raise DMTCError(f"checkpoint {ckpt} has no model {key!r} (model_key=); it holds models {sorted(models)}")
+    arch = dict(models[key])
+    bad = _contradictions(arch, overrides, cfg)
+    if bad:
+        raise DMTCError(
+            f"checkpoint {ckpt} records its model ({arch['backbone']}, {arch['num_classes']} classes, ASPP "
+            f"{arch['aspp_dilations']}, align_corners {arch['align_corners']}, inputs of init "
+            f"{(arch.get('inputs') or {}).get('init')}), but the command line says {'; '.join(bad)}: drop "
+            "those flags (dmtc checkpoints carry their architecture and input pipeline)"
+        )
+    if int(arch["num_classes"]) != int(cfg.dataset.num_classes):
+        raise DMTCError(
+            f"checkpoint {ckpt} predicts {arch['num_classes']} classes but dataset={cfg.dataset.name} has "
+            f"{cfg.dataset.num_classes}: evaluate it on the dataset it was trained on (leave dataset= out to "
+            "use the one it records)"
+        )
+    inputs = dict(arch.get("inputs") or {})
+    init = str(inputs.pop("init", None) or cfg.backbone.get("init", "none"))
+    if not inputs:
+        inputs = input_normalization(cfg, init=init)
+    return arch, init, inputs, key
+
+
+def _guessed_model(cfg: DictConfig, ckpt: Path, contents: object, model_key: str | None,
+                   overrides: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+    """``(architecture, released)`` of a file without dmtc's record, read off its tensors: a DMT/DMTC
+    release file is the released d6 + d12 model with ``align_corners=True`` unless flags say otherwise;
+    another state dict keeps the config's head, with as many ASPP branches as the file holds."""
+    state = model_state(contents, ckpt, model_key)
+    released = release_layout(contents, ckpt)
+    backbone = str(cfg.backbone.name)
+    if "backbone" not in overrides and "backbone.name" not in overrides:
+        backbone = guess_backbone(state) or backbone
+    branches = len({k.split(".")[2] for k in state if k.startswith("classifier.convs.")})
+    if "model.aspp_dilations" in overrides:
+        dilations = [int(v) for v in cfg.model.aspp_dilations]
+    elif released:
+        dilations = list(RELEASED_DILATIONS)
+    else:
+        dilations = [int(v) for v in cfg.model.aspp_dilations]
+        if branches and branches != len(dilations) and branches <= len(_ALL_DILATIONS):
+            dilations = _ALL_DILATIONS[:branches]
+    corners = bool(cfg.model.get("align_corners", False))
+    if released and "model.align_corners" not in overrides:
+        corners = True
+    return {"backbone": backbone, "num_classes": int(cfg.dataset.num_classes), "aspp_dilations": dilations,
+            "align_corners": corners}, released
+
+
 def restore(cfg: DictConfig, ckpt: str | Path, model_key: str | None = None) -> Restored:
     """Rebuild model ``model_key`` of checkpoint ``ckpt`` (see the module docstring for what comes from the
     file and what from the config); returns the model with its weights and the config to evaluate it with."""
@@ -166,70 +239,15 @@ def restore(cfg: DictConfig, ckpt: str | Path, model_key: str | None = None) -> 
     overrides = user_overrides(cfg)
     cfg = copy.deepcopy(cfg)
     record = _checkpoint_record(contents)
-
-    # dataset settings of the training run
-    dataset_source = "the command line / config"
-    run = record if record and record.get("dataset") else None
-    where = f"recorded in {ckpt.name}"
-    if run is None:
-        found = _run_folder_record(ckpt)
-        if found is not None:
-            run, path = found
-            where = f"from the training run's {path}"
-    if run is not None and "dataset" not in overrides:
-        _apply_dataset(cfg, run, overrides)
-        dataset_source = f"{run['dataset'].get('name')} settings {where}"
-
-    # the model
+    dataset_source = _apply_run_dataset(cfg, ckpt, record, overrides)
     if record is not None:
-        models = record["models"]
-        key = model_key if model_key is not None else ("a" if "a" in models else next(iter(models)))
-        if key not in models:
-            raise DMTCError(f"checkpoint {ckpt} has no model {key!r} (model_key=); it holds models {sorted(models)}")
-        arch = dict(models[key])
-        bad = _contradictions(arch, overrides, cfg)
-        if bad:
-            raise DMTCError(
-                f"checkpoint {ckpt} records its model ({arch['backbone']}, {arch['num_classes']} classes, ASPP "
-                f"{arch['aspp_dilations']}, align_corners {arch['align_corners']}, inputs of init "
-                f"{(arch.get('inputs') or {}).get('init')}), but the command line says {'; '.join(bad)}: drop "
-                "those flags (dmtc checkpoints carry their architecture and input pipeline)"
-            )
-        if int(arch["num_classes"]) != int(cfg.dataset.num_classes):
-            raise DMTCError(
-                f"checkpoint {ckpt} predicts {arch['num_classes']} classes but dataset={cfg.dataset.name} has "
-                f"{cfg.dataset.num_classes}: evaluate it on the dataset it was trained on (leave dataset= out to "
-                "use the one it records)"
-            )
-        inputs = dict(arch.get("inputs") or {})
-        init = str(inputs.pop("init", None) or cfg.backbone.get("init", "none"))
-        if not inputs:
-            inputs = input_normalization(cfg, init=init)
+        arch, init, inputs, key = _recorded_model(cfg, ckpt, record, model_key, overrides)
         kind = "dmtc"
     else:
-        state = model_state(contents, ckpt, model_key)
-        released = release_layout(contents, ckpt)
-        backbone = str(cfg.backbone.name)
-        if "backbone" not in overrides and "backbone.name" not in overrides:
-            backbone = guess_backbone(state) or backbone
-        branches = len({k.split(".")[2] for k in state if k.startswith("classifier.convs.")})
-        if "model.aspp_dilations" in overrides:
-            dilations = [int(v) for v in cfg.model.aspp_dilations]
-        elif released:
-            dilations = list(RELEASED_DILATIONS)
-        else:
-            dilations = [int(v) for v in cfg.model.aspp_dilations]
-            if branches and branches != len(dilations) and branches <= len(_ALL_DILATIONS):
-                dilations = _ALL_DILATIONS[:branches]
-        corners = bool(cfg.model.get("align_corners", False))
-        if released and "model.align_corners" not in overrides:
-            corners = True
-        arch = {"backbone": backbone, "num_classes": int(cfg.dataset.num_classes), "aspp_dilations": dilations,
-                "align_corners": corners}
+        arch, released = _guessed_model(cfg, ckpt, contents, model_key, overrides)
         init = str(cfg.backbone.get("init", "none"))
         inputs = input_normalization(cfg, init=init)
-        kind = "release" if released else "state_dict"
-        key = model_key
+        kind, key = ("release" if released else "state_dict"), model_key
 
     model = deeplab_v2(int(arch["num_classes"]), backbone=str(arch["backbone"]),
                        aspp_dilations=tuple(arch["aspp_dilations"]), align_corners=bool(arch["align_corners"]))

@@ -48,8 +48,6 @@ def supervised_results(cfg: DictConfig, split: Split, summary: Mapping[str, Any]
     }
 
 
-
-
 def format_table(title: str, per_class_iou: Mapping[str, float | None], miou: float) -> str:
     """A plain-text table of per-class IoU and mIoU (absent classes shown as '-')."""
     width = max([len(n) for n in per_class_iou] + [4])
@@ -59,10 +57,6 @@ def format_table(title: str, per_class_iou: Mapping[str, float | None], miou: fl
     lines.append("-" * (width + 10))
     lines.append(f"{'mIoU':<{width}}  {miou:6.2f}")
     return "\n".join(lines)
-
-
-
-
 
 
 def results_table(results: Mapping[str, Any]) -> str:

@@ -54,16 +54,6 @@ __all__ = [
 FORMAT_VERSION = 1
 
 
-
-
-
-
-
-
-
-
-
-
 # ------------------------------------------------------------------------------------------- on disk
 def _manifest(spec: SyntheticSpec, seed: int) -> dict:
     return {

@@ -67,8 +67,22 @@ def pair_spec(cfg: DictConfig) -> PairSpec:
         raise DMTCError(f"method.seeds={seeds}: give two seeds, one for A and one for B")
     if mode == "seeds" and seeds[0] == seeds[1]:
         raise DMTCError(f"method.seeds={seeds}: pair_init=seeds needs two different seeds for A and B")
-    own = str(cfg.backbone.get("init", "none"))
     models = m.get("models") or {}
+    inits = _pair_inits(cfg, mode, models)
+    if cfg.get("smoke") and any(not init_available(cfg, inits[k]) for k in PAIR):
+        mode, inits = _smoke_pair(cfg, mode, inits)
+    if mode == "inits" and inits["a"] == inits["b"]:
+        raise DMTCError(f"pair_init=inits needs two different inits, but A and B both use {inits['a']}: set "
+                        "method.models.a.init / method.models.b.init (e.g. coco and imagenet), or use "
+                        "method.pair_init=seeds for one init under two seeds")
+    warmup = _warmup_split_names(cfg, models) if mode == "subsets" else None
+    return PairSpec(mode, dict(zip(PAIR, seeds)), inits, warmup)
+
+
+def _pair_inits(cfg: DictConfig, mode: str, models: DictConfig | dict) -> dict[str, str]:
+    """Each model's init: ``method.models.<k>.init`` (``inits``/``subsets``; null = ``backbone.init``) or
+    ``backbone.init`` (``seeds``), each checked to be an initialisation."""
+    own = str(cfg.backbone.get("init", "none"))
     inits = {}
     for key in PAIR:
         init = (models.get(key) or {}).get("init") if mode != "seeds" else None
@@ -77,41 +91,41 @@ def pair_spec(cfg: DictConfig) -> PairSpec:
             raise DMTCError(f"method.models.{key}.init={init!r} (model {key.upper()}, pair_init={mode}) is not an "
                             f"initialisation: use one of {', '.join(INITS)}, or null for backbone.init ({own})")
         inits[key] = init
-    if cfg.get("smoke") and any(not init_available(cfg, inits[k]) for k in PAIR):
-        # debug=smoke shrinks the backbone; the dataset's pair (e.g. city's COCO A + ImageNet B) needs weight
-        # files of the full ResNet-101: the smoke pair becomes two seeds of the backbone's own init
-        own_ok = init_available(cfg, own)
-        fallback = own if own_ok else "none"
-        log.info("debug=smoke: the pair's inits (A %s, B %s) need weight files backbone=%s lacks; the smoke run "
-                 "uses pair_init=%s with init %s for both", inits["a"], inits["b"], cfg.backbone.name,
-                 "subsets" if mode == "subsets" else "seeds", fallback)
-        inits = {k: fallback for k in PAIR}
-        if mode == "inits":
-            mode = "seeds"
-    if mode == "inits" and inits["a"] == inits["b"]:
-        raise DMTCError(f"pair_init=inits needs two different inits, but A and B both use {inits['a']}: set "
-                        "method.models.a.init / method.models.b.init (e.g. coco and imagenet), or use "
-                        "method.pair_init=seeds for one init under two seeds")
-    warmup = None
-    if mode == "subsets":
-        base, side = parse_split(cfg.split)
-        warmup = {}
-        for key, default_side in zip(PAIR, ("l", "r")):
-            name = (models.get(key) or {}).get("labeled")
-            if name is None:
-                if side is not None or base not in DMS_SPLITS:
-                    raise DMTCError(
-                        f"pair_init=subsets warms A and B up on split={cfg.split}'s difference-maximized subsets, "
-                        f"which exist for splits {list(DMS_SPLITS)} only: run one of those splits, set "
-                        "method.models.a.labeled / b.labeled to your own lists' split names, or use "
-                        "method.pair_init=inits or seeds"
-                    )
-                name = f"{base}-{default_side}"
-            warmup[key] = str(name)
-        if warmup["a"] == warmup["b"]:
-            raise DMTCError(f"pair_init=subsets needs two different warm-up lists, but method.models.a.labeled and "
-                            f"b.labeled are both {warmup['a']} (DMT: {base}-l and {base}-r)")
-    return PairSpec(mode, dict(zip(PAIR, seeds)), inits, warmup)
+    return inits
+
+
+def _smoke_pair(cfg: DictConfig, mode: str, inits: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """``debug=smoke`` shrinks the backbone; the dataset's pair (e.g. city's COCO A + ImageNet B) needs weight
+    files of the full ResNet-101: the smoke pair becomes two seeds of the backbone's own init (or ``none``)."""
+    own = str(cfg.backbone.get("init", "none"))
+    fallback = own if init_available(cfg, own) else "none"
+    log.info("debug=smoke: the pair's inits (A %s, B %s) need weight files backbone=%s lacks; the smoke run "
+             "uses pair_init=%s with init %s for both", inits["a"], inits["b"], cfg.backbone.name,
+             "subsets" if mode == "subsets" else "seeds", fallback)
+    return ("seeds" if mode == "inits" else mode), {k: fallback for k in PAIR}
+
+
+def _warmup_split_names(cfg: DictConfig, models: DictConfig | dict) -> dict[str, str]:
+    """``pair_init=subsets``: each model's warm-up split name, ``method.models.<k>.labeled`` or DMT's
+    difference-maximized ``<split>-l`` (A) / ``<split>-r`` (B); the two must differ."""
+    base, side = parse_split(cfg.split)
+    warmup = {}
+    for key, default_side in zip(PAIR, ("l", "r")):
+        name = (models.get(key) or {}).get("labeled")
+        if name is None:
+            if side is not None or base not in DMS_SPLITS:
+                raise DMTCError(
+                    f"pair_init=subsets warms A and B up on split={cfg.split}'s difference-maximized subsets, "
+                    f"which exist for splits {list(DMS_SPLITS)} only: run one of those splits, set "
+                    "method.models.a.labeled / b.labeled to your own lists' split names, or use "
+                    "method.pair_init=inits or seeds"
+                )
+            name = f"{base}-{default_side}"
+        warmup[key] = str(name)
+    if warmup["a"] == warmup["b"]:
+        raise DMTCError(f"pair_init=subsets needs two different warm-up lists, but method.models.a.labeled and "
+                        f"b.labeled are both {warmup['a']} (DMT: {base}-l and {base}-r)")
+    return warmup
 
 
 def build_pair(cfg: DictConfig, spec: PairSpec | None = None) -> dict[str, nn.Module]:

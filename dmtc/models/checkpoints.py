@@ -177,6 +177,57 @@ def guess_backbone(state: Mapping[str, torch.Tensor]) -> str | None:
     return {2: "resnet18", 6: "resnet34"}.get(n3)
 
 
+def _check_backbone(model: nn.Module, own: Mapping[str, torch.Tensor], file_state: Mapping[str, torch.Tensor],
+                    missing: list[str], path: Path) -> None:
+    """One DMTCError when the file's backbone does not fit the model's (tensors missing or of other shapes),
+    naming the backbone the file seems to hold."""
+    backbone_bad = [
+        k for k in own if k.startswith("backbone.") and k in file_state and file_state[k].shape != own[k].shape
+    ]
+    backbone_missing = [
+        k for k in missing if k.startswith("backbone.") and not k.endswith(".num_batches_tracked")
+    ]
+    if backbone_bad or backbone_missing:
+        own_name = getattr(model, "backbone_name", None) or guess_backbone(own) or "this model's backbone"
+        file_name = guess_backbone(file_state)
+        seems = f" The file seems to hold a {file_name} backbone." if file_name else ""
+        detail = backbone_missing[:3] if backbone_missing else backbone_bad[:3]
+        what = "lacks" if backbone_missing else "has other shapes for"
+        count = len(backbone_missing) if backbone_missing else len(backbone_bad)
+        raise DMTCError(
+            f"Checkpoint {str(path)!r} does not fit a {own_name} model: it {what} {count} backbone tensors "
+            f"(e.g. {', '.join(detail)}).{seems} Choose the backbone the checkpoint was trained with."
+        )
+
+
+def _head_problems(own: Mapping[str, torch.Tensor], file_state: Mapping[str, torch.Tensor], report: LoadReport,
+                   path: Path, allow_head_mismatch: bool) -> list[str]:
+    """Warnings about head tensors the file does not fit (another class count: a DMTCError unless
+    ``allow_head_mismatch``) or lacks."""
+    problems = []
+    if report.skipped:
+        head_weights = [k for k in report.skipped if k.startswith("classifier.") and k.endswith(".weight")]
+        if head_weights:
+            file_classes = file_state[head_weights[0]].shape[0]
+            model_classes = own[head_weights[0]].shape[0]
+            problem = f"Checkpoint {str(path)!r} has {file_classes} classes but the model has {model_classes}"
+        else:
+            problem = f"Checkpoint {str(path)!r} has tensors of other shapes than the model's head"
+        if not allow_head_mismatch:
+            raise DMTCError(
+                f"{problem} ({', '.join(report.skipped)}). Set the dataset / num_classes to the "
+                "checkpoint's classes, or allow a head mismatch to load the backbone only."
+            )
+        problems.append(f"{problem}; not loaded (initial values kept): {', '.join(report.skipped)}")
+    head_missing = [k for k in report.missing if not k.startswith("backbone.")]
+    if head_missing:
+        problems.append(
+            f"Checkpoint {str(path)!r} lacks {len(head_missing)} model tensors (initial values kept): "
+            f"{', '.join(head_missing)}"
+        )
+    return problems
+
+
 def load_dmt_checkpoint(
     model: nn.Module,
     path: str | Path,
@@ -207,23 +258,7 @@ def load_dmt_checkpoint(
     report = LoadReport()
     report.unused = sorted(origin[k] for k in file_state if k not in own)
     report.missing = sorted(k for k in own if k not in file_state)
-    backbone_bad = [
-        k for k in own if k.startswith("backbone.") and k in file_state and file_state[k].shape != own[k].shape
-    ]
-    backbone_missing = [
-        k for k in report.missing if k.startswith("backbone.") and not k.endswith(".num_batches_tracked")
-    ]
-    if backbone_bad or backbone_missing:
-        own_name = getattr(model, "backbone_name", None) or guess_backbone(own) or "this model's backbone"
-        file_name = guess_backbone(file_state)
-        seems = f" The file seems to hold a {file_name} backbone." if file_name else ""
-        detail = backbone_missing[:3] if backbone_missing else backbone_bad[:3]
-        what = "lacks" if backbone_missing else "has other shapes for"
-        count = len(backbone_missing) if backbone_missing else len(backbone_bad)
-        raise DMTCError(
-            f"Checkpoint {str(path)!r} does not fit a {own_name} model: it {what} {count} backbone tensors "
-            f"(e.g. {', '.join(detail)}).{seems} Choose the backbone the checkpoint was trained with."
-        )
+    _check_backbone(model, own, file_state, report.missing, path)
 
     state_to_load = {}
     for key, value in file_state.items():
@@ -239,27 +274,7 @@ def load_dmt_checkpoint(
     if not report.loaded:
         raise DMTCError(f"Checkpoint {str(path)!r} has no tensor that fits this model.")
 
-    problems = []
-    if report.skipped:
-        head_weights = [k for k in report.skipped if k.startswith("classifier.") and k.endswith(".weight")]
-        if head_weights:
-            file_classes = file_state[head_weights[0]].shape[0]
-            model_classes = own[head_weights[0]].shape[0]
-            problem = f"Checkpoint {str(path)!r} has {file_classes} classes but the model has {model_classes}"
-        else:
-            problem = f"Checkpoint {str(path)!r} has tensors of other shapes than the model's head"
-        if not allow_head_mismatch:
-            raise DMTCError(
-                f"{problem} ({', '.join(report.skipped)}). Set the dataset / num_classes to the "
-                "checkpoint's classes, or allow a head mismatch to load the backbone only."
-            )
-        problems.append(f"{problem}; not loaded (initial values kept): {', '.join(report.skipped)}")
-    head_missing = [k for k in report.missing if not k.startswith("backbone.")]
-    if head_missing:
-        problems.append(
-            f"Checkpoint {str(path)!r} lacks {len(head_missing)} model tensors (initial values kept): "
-            f"{', '.join(head_missing)}"
-        )
+    problems = _head_problems(own, file_state, report, path, allow_head_mismatch)
     if problems:
         warnings.warn(". ".join(problems) + ".", stacklevel=2)
     model.load_state_dict(state_to_load, strict=False)
