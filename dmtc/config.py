@@ -4,26 +4,46 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from omegaconf import OmegaConf
 
 MAX_RUN_NAME = 120
+#: overrides a long run name keeps first: the keys seed sweeps and the paper's table vary
+FIRST_KEPT = ("sid", "seed", "split", "method", "dataset")
 
 
-def run_name(override_dirname: str) -> str:
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_")
+
+
+def run_name(override_dirname: str, overrides: Sequence[str] | None = None) -> str:
     """Run-folder name from Hydra's ``override_dirname`` (``dataset-city_sid-1_split-8``).
 
     The same command maps to the same folder, so rerunning it resumes that run. Characters outside
     ``[A-Za-z0-9._+-]`` (path separators, ``=``, commas, brackets) become ``_`` so that a path into the
-    folder is itself a valid Hydra override value; no overrides gives ``default``; a name longer than 120
-    characters is cut and suffixed with a hash of the whole, so it stays unique and within file-system limits.
+    folder is itself a valid Hydra override value; no overrides gives ``default``. A name longer than 120
+    characters keeps what fits of its overrides (``overrides``: the job's override lines,
+    ``hydra.overrides.task``), ``sid``, ``seed``, ``split``, ``method`` and ``dataset`` first, then the
+    shortest, and replaces the rest by a hash of the whole name (``dataset-folder_sid-1_h-3cd8c66815``), so
+    it stays unique, readable (a sweep's swept keys stay visible) and within file-system limits; without
+    ``overrides`` it is cut and suffixed with the hash.
     """
-    name = re.sub(r"[^A-Za-z0-9._+-]+", "_", override_dirname).strip("_")
-    if len(name) > MAX_RUN_NAME:
-        digest = hashlib.sha1(name.encode()).hexdigest()[:10]
-        name = f"{name[: MAX_RUN_NAME - 11]}-{digest}"
-    return name or "default"
+    name = _safe(override_dirname)
+    if len(name) <= MAX_RUN_NAME:
+        return name or "default"
+    digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+    if not overrides:
+        return f"{name[: MAX_RUN_NAME - 11]}-{digest}"
+    items = {_safe(str(o).replace("=", "-", 1)): str(o).split("=", 1)[0].lstrip("+~") for o in overrides}
+    candidates = sorted((i for i in items if i and i in name),
+                        key=lambda i: (items[i] not in FIRST_KEPT, len(i), i))
+    kept, budget = [], MAX_RUN_NAME - len(f"h-{digest}")
+    for item in candidates:
+        if sum(len(k) + 1 for k in kept) + len(item) + 1 <= budget:
+            kept.append(item)
+    return "_".join([*sorted(kept), f"h-{digest}"])
 
 
 def checkpoint_folder(ckpt: Any) -> str:

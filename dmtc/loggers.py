@@ -301,11 +301,13 @@ class CSVLogger(Logger):
 class StepOffsetLogger(Logger):
     """``logger`` with every logged step shifted by ``offset``: one continuous step axis over the Trainers of
     one run (DMT: warm-up, then each phase, each Trainer counting from 0; a resumed stage's Trainer counts
-    from its checkpoint's step). Everything else is passed through."""
+    from its checkpoint's step). ``columns`` are added to every logged row (DMT: ``phase``; the end-of-phase
+    re-validation of the best checkpoints also ``best_revalidation``). Everything else is passed through."""
 
-    def __init__(self, logger: Logger, offset: int) -> None:
+    def __init__(self, logger: Logger, offset: int, columns: dict[str, float] | None = None) -> None:
         super().__init__()
         self.logger, self.offset = logger, int(offset)
+        self.columns = dict(columns or {})
 
     # the wrapped logger's folder and identity (Lightning's Logger properties)
     name = property(lambda self: self.logger.name)
@@ -321,7 +323,7 @@ class StepOffsetLogger(Logger):
 
     @override
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        self.logger.log_metrics(metrics, None if step is None else step + self.offset)
+        self.logger.log_metrics({**metrics, **self.columns}, None if step is None else step + self.offset)
 
     @override
     def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:

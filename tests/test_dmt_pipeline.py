@@ -90,6 +90,14 @@ def test_kill_mid_phase_resumes_from_the_phases_last_checkpoint(tmp_path):
     assert steps == sorted(steps) and max(steps) >= 16
     trained = [int(r["step"]) for r in rows if r.get("train/a/loss")]
     assert len(trained) == len(set(trained))
+    # every row names its phase; the end-of-phase re-validation of the best checkpoints is marked, once each
+    phases = [int(float(r["phase"])) for r in rows]
+    assert phases == sorted(phases) and set(phases) == {0, 1, 2}
+    revalidated = [r for r in rows if r.get("best_revalidation")]
+    assert [int(r["step"]) for r in revalidated] == [2, 10, 18] and all(r["val/a/miou"] for r in revalidated)
+    assert results["reported_phase"] == "phase2_r1" and results["best_phase"]["name"] in {
+        p["name"] for p in results["phases"]}
+    assert "best phase:" in rerun.stdout
 
 
 def test_kill_during_labeling_reuses_the_finished_store_and_redoes_the_other(tmp_path):

@@ -132,7 +132,8 @@ def test_multirun_jobs_get_their_own_wandb_runs(tmp_path):
     proc = _train(tmp_path, ["sid=0,1", "logger=wandb", "trainer.limit_train_batches=1",
                              "trainer.limit_val_batches=1"], flags=("--multirun",))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = [p for p in (tmp_path / "outputs" / "train" / "multirun").iterdir() if p.is_dir()]
+    (sweep,) = list((tmp_path / "outputs" / "train" / "multirun").iterdir())  # the sweep's own folder
+    jobs = [p for p in sweep.iterdir() if p.is_dir()]
     assert len(jobs) == 2
     ids = [(job / WANDB_ID_FILE).read_text().strip() for job in jobs]
     assert ids[0] != ids[1]

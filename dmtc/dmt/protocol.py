@@ -140,7 +140,8 @@ def fit_phase(run: Run, phase: Phase, step_offset: int, pseudo: dict[str, Any] |
     start = time.perf_counter()
     callbacks = checkpoint_callbacks(phase_dir)
     module = stage_module(run, phase)
-    loggers = [StepOffsetLogger(lg, step_offset) for lg in run.loggers]  # one step axis over all phases
+    # one step axis over all phases; every row says its phase
+    loggers = [StepOffsetLogger(lg, step_offset, {"phase": phase.index}) for lg in run.loggers]
     trainer = build_trainer(cfg, loggers=loggers, exclude_callbacks=("model_checkpoint", "last_checkpoint"),
                             extra_callbacks=list(callbacks.values()), default_root_dir=str(phase_dir),
                             **stage_schedule(cfg, phase))
@@ -158,6 +159,8 @@ def fit_phase(run: Run, phase: Phase, step_offset: int, pseudo: dict[str, Any] |
                             "least once per phase (check trainer.limit_val_batches / val_check_interval)")
         best[key] = path
         load_phase_weights(run.models[key], path, key)
+    for logger in loggers:  # these rows re-validate the best checkpoints: not a jump in the training curve
+        logger.columns["best_revalidation"] = 1
     trainer.validate(module, dataloaders=run.datamodule.val_dataloader(), verbose=False)
     steps = int(trainer.global_step)
     record = PhaseRecord(

@@ -43,6 +43,8 @@ def dmt_results(cfg: DictConfig, split: Split, pair: PairSpec, warmup: Mapping[s
         "checkpoints": checkpoints,
         "ensemble_miou": final.val[ENSEMBLE]["miou"],
         "warmup_miou": {k: records[0].val[k]["miou"] for k in (*keys, ENSEMBLE)},
+        "reported_phase": final.name,
+        "best_phase": best_phase(records),
         "phases": phases,
         "num_labeled": len(split.labeled),
         "num_unlabeled": len(split.unlabeled),
@@ -52,6 +54,13 @@ def dmt_results(cfg: DictConfig, split: Split, pair: PairSpec, warmup: Mapping[s
         "this_run_wall_time_s": round(wall, 1),
         "output_dir": str(run_dir.resolve()),
     }
+
+
+def best_phase(records: Sequence[PhaseRecord]) -> dict[str, Any]:
+    """The phase whose re-validated A or B scored highest (``{"name", "model", "miou"}``): the run reports
+    the final phase's model, as DMT does; this says whether an earlier phase was better."""
+    name, key, miou = max(((r.name, k, r.miou(k)) for r in records for k in PAIR), key=lambda t: t[2])
+    return {"name": name, "model": key, "miou": miou}
 
 
 def format_dmt_table(results: Mapping[str, Any]) -> str:
@@ -68,7 +77,11 @@ def format_dmt_table(results: Mapping[str, Any]) -> str:
     for label, k in (("A", "a"), ("B", "b"), ("ensemble", ENSEMBLE)):
         lines.append(f"{label:<9} warm-up {w[k]['miou']:6.2f} → final {f[k]['miou']:6.2f} "
                      f"({f[k]['miou'] - w[k]['miou']:+.2f})")
-    lines.append(f"best model: {results['model'].upper()} ({results['miou']:.2f}) {results['checkpoint']}")
+    lines.append(f"reported: model {results['model'].upper()} of the final phase {results['phases'][-1]['name']} "
+                 f"({results['miou']:.2f}) {results['checkpoint']}")
+    best = results.get("best_phase")
+    if best:
+        lines.append(f"best phase: {best['name']} (model {best['model'].upper()}, {best['miou']:.2f})")
     return "\n".join(lines)
 
 
