@@ -10,6 +10,7 @@ atomically) and printed.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from dmtc.data.split_resolver import Split
+from dmtc.errors import DMTCError
 from dmtc.files import is_rank_zero, write_json
 
 log = logging.getLogger(__name__)
@@ -73,3 +75,27 @@ def write_results(run_dir: Path, results: Mapping[str, Any], table: str) -> None
     path = write_json(Path(run_dir) / RESULTS, results)
     print(table)
     log.info("results written to %s", path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dmtc.report DIR... [--out OUT]``: the sweep summary (:mod:`dmtc.summary`) of every run
+    folder under the DIRs, written to OUT (default: the first DIR) and printed."""
+    import argparse
+
+    from dmtc.summary import format_markdown, summarize
+
+    parser = argparse.ArgumentParser(prog="python -m dmtc.report", description=main.__doc__.splitlines()[0])
+    parser.add_argument("dirs", nargs="+", type=Path, help="run folders, or folders holding them (a sweep folder)")
+    parser.add_argument("--out", type=Path, default=None, help="where summary.{json,md,csv} go (default: first DIR)")
+    args = parser.parse_args(argv)
+    try:
+        summary = summarize(args.dirs, args.out)
+    except DMTCError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(format_markdown(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,6 +10,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from dmtc.errors import DMTCError
+from dmtc.files import is_rank_zero
 from dmtc.report import RESULTS, results_table, write_results
 
 log = logging.getLogger(__name__)
@@ -43,4 +44,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         results = run_dmt(cfg)
         table = dmt_table(results)
     write_results(run_dir, results, table)
+    if "phases" in results and is_rank_zero():
+        from dmtc.plots import plot_run, save
+
+        save(plot_run(results), run_dir / "report.png")
     return results
