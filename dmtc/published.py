@@ -1,14 +1,14 @@
 """The published numbers a sweep is compared with: val mIoU (%) of DeepLab-v2 ResNet-101.
 
 Source: Feng et al., "DMT: Dynamic Mutual Training for Semi-Supervised Learning", Pattern Recognition 2022
-(DMT and its supervised baselines, Cityscapes and PASCAL VOC 2012 tables), and the DMTC results of the
-same authors' contrastive extension, as collected in the project's design notes (DESIGN.md §3). Splits use
-dmtc's names: ``30`` is DMT's 1/30 (29.75), ``106`` its 1/106 (105.82, reported as 1/100 for DMTC).
+(DMT and its supervised baselines: the Cityscapes and PASCAL VOC 2012 tables), and the published DMTC
+results (DMT with a regional contrastive term). Splits use dmtc's names: ``30`` is DMT's 1/30 (29.75),
+``106`` its 1/106 (105.82, reported as 1/100 for DMTC).
 """
 
 from __future__ import annotations
 
-SOURCE = "Feng et al., DMT, Pattern Recognition 2022 (DMT, supervised); DMTC (same authors), via DESIGN.md §3"
+SOURCE = "Feng et al., DMT, Pattern Recognition 2022 (DMT and supervised baselines); the published DMTC results"
 
 #: (method, dataset, split) -> published val mIoU (%)
 PUBLISHED: dict[tuple[str, str, str], float] = {

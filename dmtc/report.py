@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from dmtc.summary import format_markdown, summarize
 
-    parser = argparse.ArgumentParser(prog="python -m dmtc.report", description=main.__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m dmtc.report",
+        description="Summarize run folders as the paper's table: one row per setting (runs differing only in "
+                    "sid/seed), mean ± sample std, published numbers beside; writes summary.{json,md,csv,png}.")
     parser.add_argument("dirs", nargs="+", type=Path, help="run folders, or folders holding them (a sweep folder)")
     parser.add_argument("--out", type=Path, default=None, help="where summary.{json,md,csv} go (default: first DIR)")
     args = parser.parse_args(argv)
