@@ -45,7 +45,7 @@ def run_supervised(cfg: DictConfig) -> dict[str, Any]:
     log.info("%s split=%s sid=%s: %d labeled, %d unlabeled, %d val images", cfg.dataset.name, split.name, cfg.sid,
              len(split.labeled), len(split.unlabeled), len(split.val))
     module = build_module(cfg, {"a": build_model(cfg)})
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, stage="supervised (A)")
     last = output_dir / "checkpoints" / "last.ckpt"
     resume = str(last) if last.is_file() and not overwrite else None
     if resume:

@@ -16,6 +16,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dmtc.module import SegmentationModule
+from dmtc.progress import StageProgress, banner_once
 from dmtc.settings import OptimSettings, optim_settings
 
 #: dataset keys that describe the training run's schedule, not the data: not carried into checkpoints
@@ -94,14 +95,17 @@ def build_trainer(
     loggers: list[Any] | None = None,
     exclude_callbacks: tuple[str, ...] = (),
     extra_callbacks: list[Any] | None = None,
+    stage: str | None = None,
     **overrides: Any,
 ) -> L.Trainer:
     """Lightning Trainer from ``cfg.trainer`` with the configured callbacks and loggers.
 
     ``loggers`` reuses logger instances (else they are built from ``cfg.logger``); ``exclude_callbacks``
     names ``cfg.callbacks`` entries to leave out and ``extra_callbacks`` adds instances (DMT's per-model
-    checkpoints); ``overrides`` replace ``cfg.trainer`` arguments.
+    checkpoints); ``stage`` names the stage in the progress display (:mod:`dmtc.progress`); ``overrides``
+    replace ``cfg.trainer`` arguments. Lightning's start-up lines are printed once per process.
     """
+    banner_once()
     if loggers is None:
         loggers = build_loggers(cfg)
     callbacks = []
@@ -112,6 +116,9 @@ def build_trainer(
             continue  # LearningRateMonitor refuses to run without a logger
         callbacks.append(instantiate(node))
     callbacks.extend(extra_callbacks or [])
+    for callback in callbacks:
+        if stage and isinstance(callback, StageProgress):
+            callback.stage = stage
     kwargs: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False}
     kwargs.update(overrides)
     return instantiate(cfg.trainer, **kwargs)

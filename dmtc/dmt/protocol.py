@@ -60,6 +60,7 @@ from dmtc.files import is_rank_zero
 from dmtc.loggers import StepOffsetLogger
 from dmtc.models.inits import input_normalization
 from dmtc.module import ENSEMBLE
+from dmtc.progress import format_duration
 from dmtc.settings import contrastive_settings, optim_settings, phase_settings
 from dmtc.trainer import build_loggers, build_trainer, module_kwargs
 
@@ -133,8 +134,18 @@ def stage_schedule(cfg: DictConfig, phase: Phase) -> dict[str, Any]:
             "val_check_interval": every, "check_val_every_n_epoch": None if every else 1}
 
 
-def fit_phase(run: Run, phase: Phase, step_offset: int, pseudo: dict[str, Any] | None) -> PhaseRecord:
-    """Train (or resume) one phase, load and re-validate the best A and best B, write and return its record."""
+def stage_label(phase: Phase, phases: int) -> str:
+    """How progress output names a phase: ``warm-up (A, B)`` or ``phase 3/5 r=0.6 (A on B's, B on A's labels)``."""
+    if phase.warmup:
+        return "warm-up (A, B)"
+    return f"phase {phase.index}/{phases - 1} r={phase.ratio:g} (A on B's, B on A's labels)"
+
+
+def fit_phase(run: Run, phase: Phase, step_offset: int, pseudo: dict[str, Any] | None, phases: int,
+              first_fit: bool = True) -> PhaseRecord:
+    """Train (or resume) one phase, load and re-validate the best A and best B, write and return its record.
+    ``phases``: how many the run has (for the progress display); ``first_fit``: whether this process has
+    not trained a phase yet (Lightning's model summary is printed once)."""
     cfg, run_dir = run.cfg, run.run_dir
     phase_dir = run_dir / phase.name
     start = time.perf_counter()
@@ -144,7 +155,8 @@ def fit_phase(run: Run, phase: Phase, step_offset: int, pseudo: dict[str, Any] |
     loggers = [StepOffsetLogger(lg, step_offset, {"phase": phase.index}) for lg in run.loggers]
     trainer = build_trainer(cfg, loggers=loggers, exclude_callbacks=("model_checkpoint", "last_checkpoint"),
                             extra_callbacks=list(callbacks.values()), default_root_dir=str(phase_dir),
-                            **stage_schedule(cfg, phase))
+                            stage=stage_label(phase, phases), **stage_schedule(cfg, phase),
+                            **({} if first_fit else {"enable_model_summary": False}))
     last = phase_dir / "checkpoints" / "last.ckpt"
     resume = str(last) if last.is_file() else None
     if resume:
@@ -247,6 +259,7 @@ def run_dmt(cfg: DictConfig) -> dict[str, Any]:
 
     records: list[PhaseRecord] = []
     pending: PhaseRecord | None = None  # a finished phase whose weights the pair needs before the next one
+    fits = 0  # phases trained by this process
     for phase in phases:
         record = read_done(run_dir, phase)
         if record is not None:
@@ -260,7 +273,12 @@ def run_dmt(cfg: DictConfig) -> dict[str, Any]:
                 load_phase_weights(run.models[key], pending.checkpoint(run_dir, key), key)
         L.seed_everything(int(cfg.seed) + phase.index, workers=True, verbose=False)
         step_offset = records[-1].step_end if records else 0
+        phase_start = time.perf_counter()
         pseudo = None if phase.warmup else label_phase(run, phase, records[-1])
-        records.append(fit_phase(run, phase, step_offset, pseudo))
+        records.append(fit_phase(run, phase, step_offset, pseudo, len(phases), first_fit=not fits))
+        fits += 1
         pending = None  # the pair now holds this phase's best weights
+        left = len(phases) - len(records)
+        if left and not phase.warmup:  # the next phases cost about what this one did (labeling + training)
+            log.info("%d phase(s) left: about %s", left, format_duration(left * (time.perf_counter() - phase_start)))
     return dmt_results(cfg, run.split, pair, run.warmup, run.stacked, records, time.perf_counter() - start)
