@@ -66,14 +66,30 @@ def _resume_kwargs(node: DictConfig, cfg: DictConfig) -> dict[str, Any]:
     cls = get_class(str(target))
     fresh = bool(cfg.get("overwrite", False))
     if issubclass(cls, WandbLogger):
+        labels = {k: v for k, v in wandb_labels(cfg).items() if node.get(k) is None}
         if node.get("id") or node.get("version"):
-            return {}
+            return labels
         run_id = wandb_run_id(cfg.paths.output_dir, fresh=fresh)
         finish_other_wandb_run(run_id)
-        return {"id": run_id, "resume": node.get("resume") or "allow"}
+        return {"id": run_id, "resume": node.get("resume") or "allow", **labels}
     if issubclass(cls, CSVLogger):
         return {"resume": not fresh}
     return {}
+
+
+def wandb_labels(cfg: DictConfig) -> dict[str, Any]:
+    """How a W&B run is filed: ``job_type`` = the method, ``tags`` = ``dataset:…``, ``split:…``, ``sid:…``, and
+    ``group`` = in a Hydra multirun the sweep folder's name (the runs of one sweep side by side), else
+    ``<dataset>-split<split>-<method>``. A key set under ``logger.wandb`` wins."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    labels: dict[str, Any] = {"job_type": str(cfg.method.name),
+                              "tags": [f"dataset:{cfg.dataset.name}", f"split:{cfg.split}", f"sid:{cfg.sid}"],
+                              "group": f"{cfg.dataset.name}-split{cfg.split}-{cfg.method.name}"}
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        labels["group"] = Path(str(HydraConfig.get().sweep.dir)).name
+    return labels
 
 
 def build_loggers(cfg: DictConfig) -> list[Any]:
@@ -84,7 +100,7 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     :mod:`dmtc.loggers`); ``overwrite=true`` starts new ones.
     """
     loggers = [instantiate(c, **_resume_kwargs(c, cfg)) for c in (cfg.get("logger") or {}).values() if c is not None]
-    for logger in loggers:
+    for logger in loggers:  # W&B shows the nested config as dotted columns (dataset.name, optim.lr, ...)
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return loggers
 

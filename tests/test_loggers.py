@@ -9,11 +9,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
 import pytest
-from conftest import REPO, tiny_run_overrides
+from conftest import REPO, read_wandb_records, tiny_run_overrides
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers import WandbLogger
 
@@ -140,6 +141,30 @@ def test_multirun_jobs_get_their_own_wandb_runs(tmp_path):
     for job, run_id in zip(jobs, ids):  # each job logged to its own W&B run, in its own folder
         names = _offline_runs(job)
         assert len(names) == 1 and names[0].endswith(f"-{run_id}"), (job.name, names)
+        # filed as one sweep: group = the sweep folder, job type = the method, tags; the config; the summary
+        records = _finished_wandb_records(job / "wandb" / names[0])
+        run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+        sid = json.loads((job / "results.json").read_text())["sid"]
+        assert run.run_group == sweep.name and run.job_type == "supervised"
+        assert {"dataset:synthetic", "split:8", f"sid:{sid}"} <= set(run.tags)
+        config = {i.key: json.loads(i.value_json) for r in records if r.WhichOneof("record_type") == "config"
+                  for i in r.config.update}
+        assert config["dataset"]["name"] == "synthetic" and config["sid"] == sid and "lr" in config["optim"]
+        summary = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for r in records
+                   if r.WhichOneof("record_type") == "summary" for i in r.summary.update}
+        assert summary["final/miou"] == json.loads((job / "results.json").read_text())["miou"]
+
+
+def _finished_wandb_records(run_dir: Path, timeout: float = 120.0) -> list:
+    """The records of an offline W&B run once its log holds the exit record: W&B's service process may still
+    be writing the file when the training process has exited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        logs = list(run_dir.glob("run-*.wandb"))
+        records = read_wandb_records(logs[0]) if logs else []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
 
 
 def _rows(path: Path) -> list[dict[str, str]]:

@@ -18,6 +18,26 @@ log = logging.getLogger(__name__)
 METHODS = ("supervised", "dmt", "dmtc")
 
 
+def wandb_summary(results: dict[str, Any]) -> None:
+    """Put the run's outcome in its W&B run summary (when a W&B run is open): final mIoU, warm-up mIoU and
+    gain (DMT/DMTC: of the reported model), ensemble mIoU, reported and best phase, best checkpoint path;
+    then finish the W&B run (the training is over; the next job of a multirun starts its own)."""
+    import sys
+
+    wandb = sys.modules.get("wandb")  # only when a WandbLogger brought it in
+    if wandb is None or wandb.run is None or not is_rank_zero():
+        return
+    summary = {"final/miou": results["miou"], "final/checkpoint": results.get("checkpoint")}
+    if "phases" in results:
+        warmup = results["warmup_miou"][results["model"]]
+        summary.update({"final/model": results["model"], "final/warmup_miou": warmup,
+                        "final/gain": results["miou"] - warmup, "final/ensemble_miou": results["ensemble_miou"],
+                        "final/reported_phase": results["reported_phase"],
+                        "final/best_phase": results["best_phase"]["name"]})
+    wandb.run.summary.update(summary)
+    wandb.finish()
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured method (``method.name``): ``supervised`` (:mod:`dmtc.supervised`), ``dmt`` or
     ``dmtc`` (DMT plus the contrastive term, :mod:`dmtc.dmt.protocol`); write ``results.json`` and return it.
@@ -44,6 +64,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         results = run_dmt(cfg)
         table = dmt_table(results)
     write_results(run_dir, results, table)
+    wandb_summary(results)
     if "phases" in results and is_rank_zero():
         from dmtc.plots import plot_run, save
 
