@@ -23,6 +23,8 @@ from typing import Any
 import torch
 
 MANIFEST = "manifest.json"
+RESULTS = "results.json"
+"""A finished run's (or evaluation's) results file in its run folder."""
 
 
 def is_rank_zero() -> bool:

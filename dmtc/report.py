@@ -19,11 +19,10 @@ from omegaconf import DictConfig
 
 from dmtc.data.split_resolver import Split
 from dmtc.errors import DMTCError
-from dmtc.files import is_rank_zero, write_json
+from dmtc.files import RESULTS, is_rank_zero, write_json
 
 log = logging.getLogger(__name__)
 
-RESULTS = "results.json"
 
 
 def run_fields(cfg: DictConfig, split: Split) -> dict[str, Any]:

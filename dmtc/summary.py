@@ -27,12 +27,11 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from dmtc.errors import DMTCError
-from dmtc.files import atomic_write_text, write_json
+from dmtc.files import RESULTS, atomic_write_text, write_json
 from dmtc.published import SOURCE, published_miou
 
 log = logging.getLogger(__name__)
 
-RESULTS = "results.json"
 #: overrides that tell repetitions of one setting apart (not part of a row's identity)
 REPEAT_KEYS = ("sid", "seed")
 #: overrides that never change what a run computes

@@ -18,7 +18,6 @@ the epoch (DESIGN §4).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -135,11 +134,6 @@ def build_pair_phase_loader(streams: Mapping[str, tuple[Dataset, Dataset]], **si
     unlabeled items carry only the *other* model's pseudo labels (its targets)."""
     return CombinedLoader({key: phase_loaders(lab, unl, **sizes) for key, (lab, unl) in streams.items()},
                           mode="min_size")
-
-
-def phase_batches(num_unlabeled: int, unlabeled_batch_size: int, world_size: int = 1) -> int:
-    """Batches per device in one DMT phase epoch (one pass over the unlabeled set)."""
-    return max(0, math.floor(num_unlabeled / (unlabeled_batch_size * world_size)))
 
 
 def phase_loader_factory(

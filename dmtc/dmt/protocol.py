@@ -45,6 +45,7 @@ from dmtc.dmt.mutual import MutualTrainingModule
 from dmtc.dmt.pair import PAIR, PairSpec, build_pair, pair_spec, stream_mode, stream_order, warmup_lists
 from dmtc.dmt.phase_data import phase_loader_factory
 from dmtc.dmt.phases import (
+    DONE,
     Phase,
     PhaseRecord,
     checkpoint_callbacks,
@@ -56,7 +57,7 @@ from dmtc.dmt.phases import (
 )
 from dmtc.dmt.results import dmt_results
 from dmtc.errors import DMTCError
-from dmtc.files import is_rank_zero
+from dmtc.files import RESULTS, is_rank_zero
 from dmtc.loggers import StepOffsetLogger
 from dmtc.models.inits import input_normalization
 from dmtc.module import ENSEMBLE
@@ -243,7 +244,7 @@ def run_dmt(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.paths.output_dir)
     phases, pair = check_settings(cfg)
     if cfg.get("overwrite", False) and is_rank_zero():
-        (run_dir / "results.json").unlink(missing_ok=True)
+        (run_dir / RESULTS).unlink(missing_ok=True)
         for phase in phases:
             shutil.rmtree(run_dir / phase.name, ignore_errors=True)
     start = time.perf_counter()
@@ -264,7 +265,7 @@ def run_dmt(cfg: DictConfig) -> dict[str, Any]:
         record = read_done(run_dir, phase)
         if record is not None:
             log.info("%s finished earlier: skipping it (delete %s to retrain it)", phase.name,
-                     run_dir / phase.name / "done.json")
+                     run_dir / phase.name / DONE)
             records.append(record)
             pending = record
             continue

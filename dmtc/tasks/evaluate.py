@@ -42,7 +42,7 @@ from dmtc.data.datasets import SegmentationDataset
 from dmtc.data.transforms import build_eval_transform, pad_values
 from dmtc.errors import DMTCError
 from dmtc.export import PredictionWriter
-from dmtc.files import write_json
+from dmtc.files import RESULTS, write_json
 from dmtc.from_checkpoint import restore
 from dmtc.inference import predict_probs
 from dmtc.metrics import make_miou_metric, summarize
@@ -200,7 +200,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     if writer is not None:
         log.info("wrote %d predictions to %s", writer.written, writer.directory)
-    path = write_json(Path(cfg.paths.output_dir) / "results.json", results)
+    path = write_json(Path(cfg.paths.output_dir) / RESULTS, results)
     title = f"{cfg.dataset.name} val IoU (%) of {ckpt.name}, protocol {settings['protocol']}"
     print(format_table(title, summary["per_class_iou"], summary["miou"]))
     log.info("results written to %s (eval settings %s)", path, OmegaConf.to_yaml(OmegaConf.create(settings)).strip())
