@@ -165,16 +165,22 @@ class SegmentationModule(L.LightningModule):
             total = loss if total is None else total + loss
         return total
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:  # noqa: D102
-        images, labels = batch["image"], batch["label"]
-        probs_sum = None
+    def predict_probs(self, images: torch.Tensor, size: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Each model's class probabilities (softmax of its logits upsampled to ``size``, float32) on its view
+        of ``images`` and, with several models, their ensemble ``ens``: the mean of the softmaxes (DMT §4.1
+        evaluates the pair's average prediction)."""
+        probs = {}
         for key, model in self.models.items():
             logits = model(self.model_input(key, images))["logits"]
-            probs = upsample_to(model, logits, labels.shape[-2:]).float().softmax(1)
+            probs[key] = upsample_to(model, logits, size).float().softmax(1)
+        if len(probs) > 1:
+            probs[ENSEMBLE] = sum(probs.values()) / len(probs)
+        return probs
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:  # noqa: D102
+        images, labels = batch["image"], batch["label"]
+        for key, probs in self.predict_probs(images, labels.shape[-2:]).items():
             self.val_metrics[key].update(probs.argmax(1), labels)
-            probs_sum = probs if probs_sum is None else probs_sum + probs
-        if ENSEMBLE in self.val_metrics:
-            self.val_metrics[ENSEMBLE].update(probs_sum.argmax(1), labels)
 
     def on_validation_epoch_end(self) -> None:  # noqa: D102
         for key, metric in self.val_metrics.items():

@@ -230,7 +230,8 @@ def summarize(dirs: Iterable[str | Path], out: str | Path | None = None) -> dict
 
 
 class SweepSummary(Callback):
-    """Hydra callback: at the end of a multirun, :func:`summarize` its sweep folder (``hydra.sweep.dir``)."""
+    """Hydra callback: at the end of a multirun, :func:`summarize` its sweep folder (``hydra.sweep.dir``); when
+    the runs logged to W&B, log the table there too (:func:`dmtc.dashboards.log_sweep_summary`)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:  # noqa: D102
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -239,3 +240,8 @@ class SweepSummary(Callback):
         summary = summarize([sweep_dir])
         log.info("sweep summary of %d setting(s) written to %s/summary.{json,md,csv}", len(summary["rows"]), sweep_dir)
         print(format_markdown(summary).split("\n\n## ")[0])
+        wandb_node = (config.get("logger") or {}).get("wandb")
+        if wandb_node is not None:  # the runs logged to W&B: the table once, beside them (dmtc.dashboards)
+            from dmtc.dashboards import log_sweep_summary
+
+            log_sweep_summary(sweep_dir, summary, OmegaConf.to_container(wandb_node, resolve=False))

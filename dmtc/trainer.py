@@ -15,6 +15,7 @@ import lightning as L
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from dmtc.dashboards import WandbMedia, wandb_loggers
 from dmtc.module import SegmentationModule
 from dmtc.progress import StageProgress, banner_once
 from dmtc.settings import OptimSettings, optim_settings
@@ -119,7 +120,9 @@ def build_trainer(
     ``loggers`` reuses logger instances (else they are built from ``cfg.logger``); ``exclude_callbacks``
     names ``cfg.callbacks`` entries to leave out and ``extra_callbacks`` adds instances (DMT's per-model
     checkpoints); ``stage`` names the stage in the progress display (:mod:`dmtc.progress`); ``overrides``
-    replace ``cfg.trainer`` arguments. Lightning's start-up lines are printed once per process.
+    replace ``cfg.trainer`` arguments. Lightning's start-up lines are printed once per process. A run that
+    logs to W&B also gets :class:`dmtc.dashboards.WandbMedia` (per-class tables and mask overlays of
+    ``media.val_images`` val images at each validation).
     """
     banner_once()
     if loggers is None:
@@ -132,6 +135,9 @@ def build_trainer(
             continue  # LearningRateMonitor refuses to run without a logger
         callbacks.append(instantiate(node))
     callbacks.extend(extra_callbacks or [])
+    media = cfg.get("media")
+    if media is not None and wandb_loggers(loggers):  # W&B panels beyond scalars (dmtc.dashboards)
+        callbacks.append(WandbMedia(images=int(media.val_images), max_side=int(media.max_side)))
     for callback in callbacks:
         if stage and isinstance(callback, StageProgress):
             callback.stage = stage

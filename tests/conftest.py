@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,18 @@ def read_wandb_records(path: Path) -> list:
             records.append(record)
             pending = b""
     return records
+
+
+def finished_wandb_records(run_dir: Path, timeout: float = 120.0) -> list:
+    """The records of an offline W&B run once its log holds the exit record: W&B's service process may still
+    be writing the file when the training process has exited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        logs = list(run_dir.glob("run-*.wandb"))
+        records = read_wandb_records(logs[0]) if logs else []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
 
 
 def wandb_history(run_dir: Path) -> list[dict]:

@@ -9,12 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lightning as L
 import pytest
-from conftest import REPO, read_wandb_records, tiny_run_overrides
+from conftest import REPO, finished_wandb_records, tiny_run_overrides
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers import WandbLogger
 
@@ -134,7 +133,7 @@ def test_multirun_jobs_get_their_own_wandb_runs(tmp_path):
                              "trainer.limit_val_batches=1"], flags=("--multirun",))
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep,) = list((tmp_path / "outputs" / "train" / "multirun").iterdir())  # the sweep's own folder
-    jobs = [p for p in sweep.iterdir() if p.is_dir()]
+    jobs = [p for p in sweep.iterdir() if (p / ".hydra").is_dir()]  # (and wandb/: the sweep summary's run)
     assert len(jobs) == 2
     ids = [(job / WANDB_ID_FILE).read_text().strip() for job in jobs]
     assert ids[0] != ids[1]
@@ -142,7 +141,7 @@ def test_multirun_jobs_get_their_own_wandb_runs(tmp_path):
         names = _offline_runs(job)
         assert len(names) == 1 and names[0].endswith(f"-{run_id}"), (job.name, names)
         # filed as one sweep: group = the sweep folder, job type = the method, tags; the config; the summary
-        records = _finished_wandb_records(job / "wandb" / names[0])
+        records = finished_wandb_records(job / "wandb" / names[0])
         run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
         sid = json.loads((job / "results.json").read_text())["sid"]
         assert run.run_group == sweep.name and run.job_type == "supervised"
@@ -153,18 +152,18 @@ def test_multirun_jobs_get_their_own_wandb_runs(tmp_path):
         summary = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for r in records
                    if r.WhichOneof("record_type") == "summary" for i in r.summary.update}
         assert summary["final/miou"] == json.loads((job / "results.json").read_text())["miou"]
-
-
-def _finished_wandb_records(run_dir: Path, timeout: float = 120.0) -> list:
-    """The records of an offline W&B run once its log holds the exit record: W&B's service process may still
-    be writing the file when the training process has exited."""
-    deadline = time.monotonic() + timeout
-    while True:
-        logs = list(run_dir.glob("run-*.wandb"))
-        records = read_wandb_records(logs[0]) if logs else []
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
-            return records
-        time.sleep(0.2)
+    # the sweep's summary table, once, in a run of its own beside the jobs' (same group, job type summary)
+    (summary_run,) = (sweep / "wandb").glob("offline-run-*")
+    records = finished_wandb_records(summary_run)
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert run.run_group == sweep.name and run.job_type == "summary" and run.display_name == f"{sweep.name}-summary"
+    (path,) = (summary_run / "files" / "media" / "table" / "summary").glob("table_*.table.json")
+    table = json.loads(path.read_text())
+    (row,) = [dict(zip(table["columns"], r)) for r in table["data"]]
+    (expected,) = json.loads((sweep / "summary.json").read_text())["rows"]
+    assert (row["n"], row["sids"]) == (2, "0,1")
+    assert row["miou_mean"] == pytest.approx(expected["miou"]["mean"])
+    assert row["miou_std"] == pytest.approx(expected["miou"]["std"])
 
 
 def _rows(path: Path) -> list[dict[str, str]]:

@@ -55,6 +55,7 @@ from dmtc.dmt.phases import (
     relative,
     write_done,
 )
+from dmtc.dmt.pseudo_panels import log_pseudo_labels
 from dmtc.dmt.results import dmt_results
 from dmtc.errors import DMTCError
 from dmtc.files import RESULTS, is_rank_zero
@@ -192,9 +193,10 @@ def fit_phase(run: Run, phase: Phase, step_offset: int, pseudo: dict[str, Any] |
     return record
 
 
-def label_phase(run: Run, phase: Phase, prev: PhaseRecord) -> dict[str, Any]:
+def label_phase(run: Run, phase: Phase, prev: PhaseRecord, step: int) -> dict[str, Any]:
     """Label the unlabeled split with both phase k-1 models, thresholds for r_k, and serve the phase's
-    batches from the datamodule; returns each model's pseudo-label summary."""
+    batches from the datamodule; returns each model's pseudo-label summary (on W&B at ``step``, the
+    phase's first step: :func:`dmtc.dmt.pseudo_panels.log_pseudo_labels`)."""
     cfg, ds = run.cfg, run.cfg.dataset
     phase_dir = run.run_dir / phase.name
     base_size = list(ds.base_size) if ds.get("base_size") else None
@@ -219,6 +221,8 @@ def label_phase(run: Run, phase: Phase, prev: PhaseRecord) -> dict[str, Any]:
         summaries[key]["reused"] = reused
     log.info("%s: pseudo labels ready in %.1fs (kept A %.1f%%, B %.1f%% of pixels)", phase.name,
              time.perf_counter() - start, 100 * summaries["a"]["kept_fraction"], 100 * summaries["b"]["kept_fraction"])
+    log_pseudo_labels(run.loggers, step, summaries, stores, thresholds, run.layout, run.split.unlabeled_subset,
+                      list(ds.class_names), cfg.get("media"))
     p = phase_settings(cfg)
     run.datamodule.serve_phase(phase_loader_factory(
         run.datamodule, run.layout, run.split.unlabeled_subset, run.split.unlabeled, stores, thresholds,
@@ -275,7 +279,7 @@ def run_dmt(cfg: DictConfig) -> dict[str, Any]:
         L.seed_everything(int(cfg.seed) + phase.index, workers=True, verbose=False)
         step_offset = records[-1].step_end if records else 0
         phase_start = time.perf_counter()
-        pseudo = None if phase.warmup else label_phase(run, phase, records[-1])
+        pseudo = None if phase.warmup else label_phase(run, phase, records[-1], step_offset)
         records.append(fit_phase(run, phase, step_offset, pseudo, len(phases), first_fit=not fits))
         fits += 1
         pending = None  # the pair now holds this phase's best weights
