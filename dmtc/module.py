@@ -183,17 +183,21 @@ class SegmentationModule(L.LightningModule):
             self.val_metrics[key].update(probs.argmax(1), labels)
 
     def on_validation_epoch_end(self) -> None:  # noqa: D102
+        # Under DDP the confusion matrix is summed over the processes (each val image is on exactly one:
+        # dmtc.data.sharding), so every process computes the same figures; logging them with the "max" of
+        # equal values keeps them exact (a mean of three equal floats need not be that float).
+        same = {"sync_dist": True, "reduce_fx": "max"}
         for key, metric in self.val_metrics.items():
             with metric.sync_context():
                 confmat = metric.confmat.detach().cpu().clone()
             metric.reset()
             summary = summarize(confmat, self.class_names)
             self.val_summaries[key] = summary
-            self.log(f"val/{key}/miou", summary["miou"], sync_dist=False)
+            self.log(f"val/{key}/miou", summary["miou"], **same)
             for name, iou in summary["per_class_iou"].items():
                 if iou is not None:
-                    self.log(f"val/{key}/iou/{name}", iou)
-        self.log("val/miou", self.val_summaries[self.primary]["miou"], prog_bar=True)
+                    self.log(f"val/{key}/iou/{name}", iou, **same)
+        self.log("val/miou", self.val_summaries[self.primary]["miou"], prog_bar=True, **same)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """SGD (momentum, weight decay) with per-model backbone/head groups and a per-step poly schedule."""

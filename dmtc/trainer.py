@@ -141,6 +141,30 @@ def build_trainer(
     for callback in callbacks:
         if stage and isinstance(callback, StageProgress):
             callback.stage = stage
-    kwargs: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False}
+    kwargs: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False,
+                              "sync_batchnorm": sync_batchnorm(cfg.trainer)}
     kwargs.update(overrides)
     return instantiate(cfg.trainer, **kwargs)
+
+
+def sync_batchnorm(trainer_cfg: DictConfig) -> bool:
+    """``trainer.sync_batchnorm``: ``auto`` (the default) is on for DDP over several GPUs (BatchNorm statistics
+    over the global batch, as the reference's batch of 8 on one GPU; a few images per GPU are not that) and
+    off otherwise (one device; CPU, where torch has no SyncBatchNorm); ``true``/``false`` force it."""
+    value = trainer_cfg.get("sync_batchnorm", "auto")
+    if str(value).lower() != "auto":
+        return bool(value)
+    import torch
+
+    strategy = trainer_cfg.get("strategy")
+    name = str(strategy if isinstance(strategy, str) else (strategy or {}).get("_target_", "")).lower()
+    devices, nodes = trainer_cfg.get("devices", 1), int(trainer_cfg.get("num_nodes", 1) or 1)
+    on_gpu = str(trainer_cfg.get("accelerator", "auto")) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    if devices in (None, "auto", -1, "-1"):
+        count = torch.cuda.device_count() if on_gpu else 1
+    elif isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        count = len(devices)
+    else:
+        count = int(devices)
+    distributed = "ddp" in name or name in ("", "auto")  # auto: Lightning picks DDP for several GPUs
+    return distributed and on_gpu and count * nodes > 1

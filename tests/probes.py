@@ -4,6 +4,7 @@ callback (``+callbacks.probe._target_=probes.TrainerProbe``), in-process or in t
 
 from __future__ import annotations
 
+import collections
 import json
 from pathlib import Path
 from typing import Any
@@ -12,15 +13,31 @@ import lightning as L
 
 #: one record per ``fit`` of this process, in order (in-process tests read it; clear it first)
 RECORDS: list[dict[str, Any]] = []
+#: fits recorded so far per output folder, in this process (one probe instance per Trainer: DMT builds one per stage)
+FITS: collections.Counter[Path] = collections.Counter()
+
+
+def _device_batches(loader: Any) -> dict[str, int]:
+    """Batch size of every DataLoader in a (possibly combined, nested) training loader, by its path."""
+    from lightning.pytorch.utilities import CombinedLoader
+    from torch.utils.data import DataLoader
+
+    if isinstance(loader, CombinedLoader):
+        loader = loader.iterables
+    if isinstance(loader, DataLoader):
+        return {"": int(loader.batch_size)}
+    if isinstance(loader, dict):
+        return {f"{k}/{p}".rstrip("/"): v for k, sub in loader.items() for p, v in _device_batches(sub).items()}
+    return {}
 
 
 class TrainerProbe(L.Callback):
     """At each ``fit`` start: the stage, the Trainer's precision, world size and rank, the DMTC weight, the
-    per-device batch size and (in-process only) a copy of every model's weights."""
+    batches per epoch, the optimizer steps of the fit, the per-device batch size of every training loader and
+    (in-process only) a copy of every model's weights."""
 
     def __init__(self, out: str | None = None) -> None:
         self.out = Path(out) if out else None
-        self.fits = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         contrastive = getattr(pl_module, "contrastive", None)
@@ -31,12 +48,15 @@ class TrainerProbe(L.Callback):
             "global_rank": int(trainer.global_rank),
             "contrastive_weight": None if contrastive is None else float(contrastive.weight),
             "global_step": int(trainer.global_step),
+            "num_training_batches": int(trainer.num_training_batches),
+            "estimated_stepping_batches": int(trainer.estimated_stepping_batches),
+            "device_batches": _device_batches(trainer.train_dataloader),
         }
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
-            path = self.out / f"rank{trainer.global_rank}_fit{self.fits}.json"
+            path = self.out / f"rank{trainer.global_rank}_fit{FITS[self.out]}.json"
             path.write_text(json.dumps(record))
+            FITS[self.out] += 1
         record["weights"] = {k: {n: t.detach().cpu().clone() for n, t in m.state_dict().items()}
                              for k, m in pl_module.models.items()}
         RECORDS.append(record)
-        self.fits += 1

@@ -3,6 +3,7 @@ labeled + pseudo-labeled batches of the phase."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -13,14 +14,19 @@ from torch.utils.data import DataLoader, Dataset
 
 from dmtc.data.datasets import RepeatedDataset, SegmentationDataset
 from dmtc.data.layouts import DatasetLayout
+from dmtc.data.sharding import device_batch, eval_sampler, train_sampler
+
+log = logging.getLogger(__name__)
 
 
 class SegmentationDataModule(L.LightningDataModule):
     """Labeled training images (one DMT split) and the validation images of one layout.
 
-    ``batch_size`` is the per-device batch of labeled images; training drops the last incomplete batch
-    (BatchNorm cannot train on a batch of one). Validation uses ``val_batch_size`` (1 when image sizes
-    differ). Under DDP Lightning gives each loader a DistributedSampler.
+    ``batch_size`` is the global batch of labeled images (the protocol's): under DDP each process loads its
+    share from its own shard (:mod:`dmtc.data.sharding`), so steps and schedules do not depend on the device
+    count; training drops the last incomplete batch (BatchNorm cannot train on a batch of one). Validation
+    uses ``val_batch_size`` per device (1 when image sizes differ) and counts every image exactly once over
+    the processes.
 
     ``model_labeled`` (``{key: names}``, optional) gives each model of a pair its own labeled stream for
     training: DMT's warm-up with ``pair_init=subsets`` (Feng et al., Pattern Recognition 2022, §4.3), A on
@@ -66,7 +72,8 @@ class SegmentationDataModule(L.LightningDataModule):
         self.persistent_workers = persistent_workers and self.num_workers > 0
         self.model_labeled: dict[str, list[str]] | None = None
         self.model_train_transforms = dict(model_train_transforms or {})
-        self.phase_loader: Callable[[int], Any] | None = None
+        self.phase_loader: Callable[[int, int], Any] | None = None
+        self._batch_logged: set[str] = set()
         if model_labeled:
             self.set_model_labeled(model_labeled)
 
@@ -76,9 +83,9 @@ class SegmentationDataModule(L.LightningDataModule):
             raise ValueError(f"every model needs at least one labeled image: {sorted(model_labeled)}")
         self.model_labeled = {k: list(v) for k, v in model_labeled.items()} if model_labeled else None
 
-    def serve_phase(self, make_loader: Callable[[int], Any] | None) -> None:
-        """Train on a DMT phase's batches: ``make_loader(world_size)`` builds its loader when a Trainer asks
-        (None: back to the labeled split)."""
+    def serve_phase(self, make_loader: Callable[[int, int], Any] | None) -> None:
+        """Train on a DMT phase's batches: ``make_loader(world_size, rank)`` builds this process's loader when
+        a Trainer asks (None: back to the labeled split)."""
         self.phase_loader = make_loader
 
     def train_dataset(self, names: Sequence[str] | None = None, key: str | None = None) -> SegmentationDataset:
@@ -92,20 +99,43 @@ class SegmentationDataModule(L.LightningDataModule):
         """Validation images with the evaluation transform."""
         return SegmentationDataset(self.val_layout, self.val_subset, self.val, self.eval_transform)
 
+    def world(self) -> tuple[int, int]:
+        """``(world_size, global_rank)`` of the Trainer this datamodule serves; ``(1, 0)`` without one."""
+        if self.trainer is None:
+            return 1, 0
+        return int(self.trainer.world_size), int(self.trainer.global_rank)
+
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+        world, rank = self.world()
+        if train:  # batch_size is global: this process's share, from its shard (dmtc.data.sharding)
+            batch_size = device_batch(batch_size, world, "dataset.batch_size")
+            sampler = train_sampler(dataset, world, rank)
+        else:  # per device (it changes no figure); every val image counted once over all processes
+            sampler = eval_sampler(dataset, world, rank)
+        items = len(sampler) if sampler is not None else len(dataset)
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train,
-            drop_last=train and len(dataset) > batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            drop_last=train and items > batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.persistent_workers,
             pin_memory=torch.cuda.is_available(),
         )
 
+    def log_batch(self, key: str, global_batch: int) -> None:
+        """State the global and per-device batch once per process and key (DDP runs)."""
+        world, rank = self.world()
+        if world > 1 and rank == 0 and key not in self._batch_logged:
+            self._batch_logged.add(key)
+            log.info("%s=%d is the global batch: %d per device on %d processes", key, global_batch,
+                     device_batch(global_batch, world, key), world)
+
     def train_dataloader(self) -> DataLoader | CombinedLoader:  # noqa: D102
         if self.phase_loader is not None:
-            return self.phase_loader(self.trainer.world_size if self.trainer is not None else 1)
+            return self.phase_loader(*self.world())
+        self.log_batch("dataset.batch_size", self.batch_size)
         if not self.model_labeled:
             return self._loader(self.train_dataset(), self.batch_size, train=True)
         datasets = {key: self.train_dataset(names, key) for key, names in self.model_labeled.items()}

@@ -31,6 +31,7 @@ from torchvision.transforms.v2 import functional as TF
 from dmtc.data.datamodule import SegmentationDataModule
 from dmtc.data.datasets import RepeatedDataset, SegmentationDataset, read_image
 from dmtc.data.layouts import IGNORE_INDEX, DatasetLayout
+from dmtc.data.sharding import device_batch, train_sampler
 from dmtc.dmt.curriculum import apply_thresholds
 from dmtc.dmt.scores import decode_score, score_to_confidence
 from dmtc.dmt.store import PseudoLabelStore
@@ -101,23 +102,26 @@ def phase_loaders(
     unlabeled_batch_size: int,
     num_workers: int = 0,
     world_size: int = 1,
+    rank: int = 0,
 ) -> dict[str, DataLoader]:
-    """``{"labeled", "unlabeled"}`` DataLoaders of one DMT phase stream, of equal length: one epoch = one pass
-    over the unlabeled set (per device: ``len(unlabeled) // (world_size · unlabeled_batch_size)`` batches),
-    labeled images repeated to fill as many labeled batches. The lengths are chosen before Lightning's
-    DistributedSampler shards them, so every shard has the same number of batches."""
-    if len(unlabeled) < unlabeled_batch_size * world_size:
-        raise ValueError(f"{len(unlabeled)} unlabeled images cannot fill one batch of {unlabeled_batch_size} "
-                         f"on {world_size} device(s)")
-    batches = len(unlabeled) // (unlabeled_batch_size * world_size)
-    labeled_rep = RepeatedDataset(labeled, max(batches * labeled_batch_size * world_size, 1))
-    persistent = num_workers > 0
-    common = {"num_workers": num_workers, "persistent_workers": persistent, "pin_memory": torch.cuda.is_available(),
-              "drop_last": True, "shuffle": True}
-    return {
-        "labeled": DataLoader(labeled_rep, batch_size=labeled_batch_size, **common),
-        "unlabeled": DataLoader(unlabeled, batch_size=unlabeled_batch_size, **common),
-    }
+    """``{"labeled", "unlabeled"}`` DataLoaders of one DMT phase stream for process ``rank`` of
+    ``world_size``, of equal length: one epoch = one pass over the unlabeled set,
+    ``len(unlabeled) // unlabeled_batch_size`` steps whatever the device count (the batch sizes are global:
+    each process loads its share from its own shard, :mod:`dmtc.data.sharding`), with the labeled images
+    repeated to fill as many labeled batches."""
+    if len(unlabeled) < unlabeled_batch_size:
+        raise ValueError(f"{len(unlabeled)} unlabeled images cannot fill one batch of {unlabeled_batch_size}")
+    batches = len(unlabeled) // unlabeled_batch_size
+    labeled_rep = RepeatedDataset(labeled, max(batches * labeled_batch_size, 1))
+    sizes = {"labeled": device_batch(labeled_batch_size, world_size, "method.phase.labeled_batch_size"),
+             "unlabeled": device_batch(unlabeled_batch_size, world_size, "method.phase.unlabeled_batch_size")}
+    loaders = {}
+    for name, dataset in (("labeled", labeled_rep), ("unlabeled", unlabeled)):
+        sampler = train_sampler(dataset, world_size, rank)
+        loaders[name] = DataLoader(dataset, batch_size=sizes[name], sampler=sampler, shuffle=sampler is None,
+                                   drop_last=True, num_workers=num_workers, persistent_workers=num_workers > 0,
+                                   pin_memory=torch.cuda.is_available())
+    return loaders
 
 
 def build_phase_loader(labeled: SegmentationDataset, unlabeled: PseudoLabeledDataset, **sizes: int) -> CombinedLoader:
@@ -149,8 +153,8 @@ def phase_loader_factory(
     labeled_batch_size: int,
     unlabeled_batch_size: int,
     num_workers: int,
-) -> Callable[[int], CombinedLoader]:
-    """``make_loader(world_size)`` of one DMT phase (for :meth:`SegmentationDataModule.serve_phase`).
+) -> Callable[[int, int], CombinedLoader]:
+    """``make_loader(world_size, rank)`` of one DMT phase (for :meth:`SegmentationDataModule.serve_phase`).
 
     The labeled batches come from the run's whole labeled split in every ``pair_init`` mode (DMT's VOC
     1/106 script trains its phases with ``--train-set=106``, not the ``-l``/``-r`` lists).
@@ -166,8 +170,8 @@ def phase_loader_factory(
                                       datamodule.train_transform)
         labeled = datamodule.train_dataset()
 
-        def make_shared(world_size: int) -> CombinedLoader:
-            return build_phase_loader(labeled, pseudo, world_size=world_size, **sizes)
+        def make_shared(world_size: int, rank: int) -> CombinedLoader:
+            return build_phase_loader(labeled, pseudo, world_size=world_size, rank=rank, **sizes)
 
         return make_shared
     per_model = {}
@@ -178,7 +182,7 @@ def phase_loader_factory(
                                            {other: stores[other]}, {other: thresholds[other]}, transform)
         per_model[key] = (labeled_k, unlabeled_k)
 
-    def make_pair(world_size: int) -> CombinedLoader:
-        return build_pair_phase_loader(per_model, world_size=world_size, **sizes)
+    def make_pair(world_size: int, rank: int) -> CombinedLoader:
+        return build_pair_phase_loader(per_model, world_size=world_size, rank=rank, **sizes)
 
     return make_pair
