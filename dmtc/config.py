@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any
 
-from omegaconf import OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf.errors import InterpolationResolutionError
+
+from dmtc.errors import DMTCError
 
 MAX_RUN_NAME = 120
 #: overrides a long run name keeps first: the keys seed sweeps and the paper's table vary
@@ -83,6 +88,69 @@ def synthetic_dir(seed: int, spec: Any) -> str:
     return f"seed{seed}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
+def slurm_tasks(devices: Any) -> int:
+    """SLURM tasks per node for ``trainer.devices`` (one DDP process per device): an explicit count or list;
+    ``auto``/-1 cannot be known before the job starts."""
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        return len(devices)
+    try:
+        count = int(devices)
+    except (TypeError, ValueError):
+        count = -1
+    if count < 1:
+        raise DMTCError(f"trainer.devices={devices} with hydra/launcher=slurm: set the number of devices per "
+                        "node (e.g. trainer.devices=4); it is the number of SLURM tasks per node")
+    return count
+
+
+def slurm_gpus(accelerator: Any, devices: Any) -> int | None:
+    """GPUs per node to request: one per task unless ``trainer.accelerator=cpu`` (None: no GPU request, so a CPU
+    job schedules on a GPU-less partition)."""
+    return None if str(accelerator).lower() == "cpu" else slurm_tasks(devices)
+
+#: overrides that never name a sweep's folder (where it runs, how it logs; cf. hydra.job.config.override_dirname)
+SWEEP_NAME_EXCLUDED = ("overwrite", "dataset.num_workers", "logger", "paths.", "hydra.", "hydra/")
+
+
+def sweep_name(overrides: Sequence[str]) -> str:
+    """A multirun's folder name from its command-line overrides (``sid=0,1 split=8`` → ``sid-0_1_split-8``,
+    long names as :func:`run_name`): the same ``-m`` command gives the same folder, so rerunning it after a
+    crash resumes every job of the sweep (finished jobs return their results), and different sweeps never
+    share a folder. Where it runs and logs (``hydra.*``, the launcher, ``paths.*``, ``logger``) is left out."""
+    kept = [str(o) for o in overrides if not str(o).lstrip("+~").startswith(SWEEP_NAME_EXCLUDED)]
+    dirname = "_".join(sorted(o.lstrip("+~").replace("=", "-", 1) for o in kept))
+    return run_name(dirname, kept)
+
+
+class PinSweepFolder(Callback):
+    """Hydra callback: fix a multirun's folder before its jobs start.
+
+    ``hydra.sweep.dir`` is named by the sweep's overrides (:func:`sweep_name`), which only the launching
+    process sees (``sid=0,1``); every job composes its config again with its own overrides (``sid=0``) and
+    would name another folder. The launching process therefore resolves the name once and hands it to the
+    jobs as the override ``hydra.sweep.dir=<folder>``, as if the user had typed it (local and SLURM jobs
+    alike). A ``hydra.sweep.dir`` given on the command line is left as it is."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:  # noqa: D102
+        try:  # the launcher's settings (e.g. SLURM tasks from trainer.devices), checked before any submission
+            OmegaConf.to_container(config.hydra.launcher, resolve=True)
+        except InterpolationResolutionError as err:
+            cause: BaseException | None = err
+            while cause is not None and not isinstance(cause, DMTCError):  # OmegaConf chains its own errors
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            print(f"error: {cause}", file=sys.stderr)
+            sys.exit(1)
+        hydra_overrides = list(config.hydra.overrides.hydra)
+        if any(str(o).lstrip("+~").startswith("hydra.sweep.dir=") for o in hydra_overrides):
+            return
+        folder = str(config.hydra.sweep.dir)
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.sweep.dir = folder
+            config.hydra.overrides.hydra.append(f"hydra.sweep.dir={folder}")
+
+
 def register_resolvers() -> None:
     """Register dmtc's resolvers (idempotent)."""
     if not OmegaConf.has_resolver("dmtc_run_name"):
@@ -91,6 +159,12 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("dmtc_checkpoint_folder", checkpoint_folder)
     if not OmegaConf.has_resolver("dmtc_synthetic_dir"):
         OmegaConf.register_new_resolver("dmtc_synthetic_dir", synthetic_dir)
+    if not OmegaConf.has_resolver("dmtc_sweep_name"):
+        OmegaConf.register_new_resolver("dmtc_sweep_name", sweep_name)
+    if not OmegaConf.has_resolver("dmtc_slurm_tasks"):
+        OmegaConf.register_new_resolver("dmtc_slurm_tasks", slurm_tasks)
+    if not OmegaConf.has_resolver("dmtc_slurm_gpus"):
+        OmegaConf.register_new_resolver("dmtc_slurm_gpus", slurm_gpus)
 
 
 register_resolvers()

@@ -142,9 +142,22 @@ def build_trainer(
         if stage and isinstance(callback, StageProgress):
             callback.stage = stage
     kwargs: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False,
-                              "sync_batchnorm": sync_batchnorm(cfg.trainer)}
+                              "sync_batchnorm": sync_batchnorm(cfg.trainer), **cluster_plugins()}
     kwargs.update(overrides)
     return instantiate(cfg.trainer, **kwargs)
+
+
+def cluster_plugins() -> dict[str, Any]:
+    """Inside a SLURM job: Lightning's SLURM environment (ranks, nodes and addresses from SLURM) with its
+    automatic requeue off. A job is requeued by one mechanism only, submitit's (``hydra/launcher=slurm``): it
+    owns the job, requeues it at USR1 whatever stage the run is in (training, labeling, between phases), and
+    the requeued job reruns the same Hydra job in the same folder, which resumes it; Lightning's would also
+    save ``hpc_ckpt_*.ckpt`` files and restore from them next to our ``last.ckpt``."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    if not SLURMEnvironment.detect():
+        return {}
+    return {"plugins": [SLURMEnvironment(auto_requeue=False)]}
 
 
 def sync_batchnorm(trainer_cfg: DictConfig) -> bool:

@@ -102,7 +102,7 @@ def test_a_seed_sweep_ends_with_its_summary_in_its_own_folder(tmp_path):
                                                                              "WANDB_MODE": "disabled"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep,) = list((tmp_path / "outputs" / "train" / "multirun").iterdir())
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    jobs = sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())
     assert len(jobs) == 2 and all(f"sid-{i}" in job.name for i, job in enumerate(jobs))
     results = [json.loads((job / "results.json").read_text()) for job in jobs]
     summary = json.loads((sweep / "summary.json").read_text())
@@ -116,6 +116,18 @@ def test_a_seed_sweep_ends_with_its_summary_in_its_own_folder(tmp_path):
             assert row["per_class_iou"][name]["mean"] == round(statistics.fmean(values), 4)
     assert (sweep / "summary.md").is_file() and (sweep / "summary.csv").is_file()
     assert "Sweep summary" not in proc.stderr and "±" in proc.stdout  # the table is printed at the end
+    assert "sid-0_1" in sweep.name  # named by the sweep's overrides
+
+    # the same -m command again: the same sweep folder, whose finished jobs are not trained again
+    (jobs[1] / "results.json").unlink()  # as if job 1 had crashed before its end
+    again = subprocess.run([sys.executable, str(REPO / "train.py"), "--multirun", *args], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
+                                                                              "WANDB_MODE": "disabled"})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "outputs" / "train" / "multirun").iterdir()] == [sweep.name]
+    assert (again.stdout + again.stderr).count("run is finished") == 1  # job 0; job 1 ran again
+    assert json.loads((jobs[0] / "results.json").read_text()) == results[0]
+    assert (jobs[1] / "results.json").is_file()
 
 
 def test_a_long_run_name_keeps_the_swept_keys_and_hashes_the_rest():
