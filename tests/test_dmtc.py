@@ -75,6 +75,7 @@ def test_projection_head_adds_features():
     model = deeplab_v2(NUM_CLASSES, backbone="resnet_tiny", projection_dim=150)
     assert model.projection_dim == 150 and model(images)["features"].shape == (2, 150, 8, 8)
     assert set(deeplab_v2(NUM_CLASSES, backbone="resnet_tiny")(images)) == {"logits"}
+    assert set(model.eval()(images)) == {"logits"}  # validation and labeling do not run the head
 
 
 def test_dmt_file_loads_into_a_model_with_projection_head(tmp_path):
