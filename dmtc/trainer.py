@@ -2,11 +2,13 @@
 
 A run builds its loggers once (:func:`build_loggers`: one W&B run, one ``metrics.csv``, continued by a
 rerun) and one Trainer per stage (:func:`build_trainer`; DMT: the warm-up and each phase), whose loggers
-share one step axis through :class:`dmtc.loggers.StepOffsetLogger`.
+share one step axis through :class:`dmtc.loggers.StepOffsetLogger`. Every Trainer writes its checkpoints
+atomically (:class:`dmtc.checkpoint_io.AtomicCheckpointIO`).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,8 @@ import lightning as L
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from dmtc.checkpoint_io import AtomicCheckpointIO
+from dmtc.divergence import DivergenceGuard
 from dmtc.module import SegmentationModule
 from dmtc.progress import StageProgress, banner_once
 from dmtc.settings import OptimSettings, optim_settings
@@ -25,6 +29,12 @@ _SCHEDULE_KEYS = ("schedule", "schedules")
 
 #: dataset keys holding paths: made absolute, so a checkpoint's settings work from any working directory
 _PATH_KEYS = ("root", "split_dir", "resized_cache_dir")
+
+
+#: Lightning's warnings about what every dmtc resume does by design: reuse its checkpoint folder, and continue
+#: an epoch stopped by an interrupt (the rest of that epoch draws a fresh shuffle of the data)
+_RESUME_WARNINGS = (r"Checkpoint directory .* exists and is not empty",
+                    r"You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def run_record(cfg: DictConfig) -> dict[str, Any]:
@@ -112,16 +122,22 @@ def build_trainer(
     exclude_callbacks: tuple[str, ...] = (),
     extra_callbacks: list[Any] | None = None,
     stage: str | None = None,
+    lr_key: str = "optim.lr",
     **overrides: Any,
 ) -> L.Trainer:
-    """Lightning Trainer from ``cfg.trainer`` with the configured callbacks and loggers.
+    """Lightning Trainer from ``cfg.trainer`` with the configured callbacks and loggers, saving checkpoints
+    through :class:`dmtc.checkpoint_io.AtomicCheckpointIO` (unless ``plugins`` are given).
 
     ``loggers`` reuses logger instances (else they are built from ``cfg.logger``); ``exclude_callbacks``
     names ``cfg.callbacks`` entries to leave out and ``extra_callbacks`` adds instances (DMT's per-model
-    checkpoints); ``stage`` names the stage in the progress display (:mod:`dmtc.progress`); ``overrides``
-    replace ``cfg.trainer`` arguments. Lightning's start-up lines are printed once per process.
+    checkpoints); ``stage`` names the stage in the progress display (:mod:`dmtc.progress`) and in the
+    messages of a divergence or an interrupt; ``lr_key`` is the config key of the stage's learning rate
+    (:class:`dmtc.divergence.DivergenceGuard` suggests lowering it); ``overrides`` replace ``cfg.trainer``
+    arguments. Lightning's start-up lines are printed once per process.
     """
     banner_once()
+    for expected in _RESUME_WARNINGS:
+        warnings.filterwarnings("ignore", message=expected)
     if loggers is None:
         loggers = build_loggers(cfg)
     callbacks = []
@@ -135,6 +151,10 @@ def build_trainer(
     for callback in callbacks:
         if stage and isinstance(callback, StageProgress):
             callback.stage = stage
+        if isinstance(callback, DivergenceGuard):
+            callback.lr_key, callback.run_dir = lr_key, str(cfg.paths.output_dir)
     kwargs: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False}
+    if not cfg.trainer.get("plugins"):
+        kwargs["plugins"] = [AtomicCheckpointIO()]
     kwargs.update(overrides)
     return instantiate(cfg.trainer, **kwargs)
