@@ -4,6 +4,7 @@ clear message; one command at a time per run folder."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,8 @@ from dmtc.errors import OUTPUT_ERRNOS, DMTCError, OutputError
 from dmtc.run_lock import hold_run_folder
 
 RERUN = "rerun the same command to continue"
+#: errno values that only a write can meet
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
 def user_message(err: BaseException) -> str:
@@ -55,14 +58,14 @@ def run_entry(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     Ctrl-C / SIGINT / SIGTERM."""
     try:
         with interrupts.handle_interrupts():
-            output = _output_path(cfg)
-            with hold_run_folder(output) if output is not None else contextlib.nullcontext():
-                try:
+            try:
+                output = _output_path(cfg)
+                with hold_run_folder(output) if output is not None else contextlib.nullcontext():
                     return fn(cfg)
-                except BaseException as err:
-                    if interrupts.is_interrupt(err):  # the message needs the state before the handlers go
-                        raise _Stopped(interrupt_message(_signum(err)), _signum(err)) from None
-                    raise
+            except BaseException as err:
+                if interrupts.is_interrupt(err):  # the message needs the state before the handlers go
+                    raise _Stopped(interrupt_message(_signum(err)), _signum(err)) from None
+                raise
     except _Stopped as stop:
         print(f"interrupted: {stop.message}", file=sys.stderr)
         sys.exit(128 + (stop.signum or 15))
@@ -73,10 +76,14 @@ def run_entry(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     except DMTCError as err:
         print(f"error: {user_message(err)}", file=sys.stderr)
         sys.exit(1)
-    except OSError as err:
-        if err.errno not in OUTPUT_ERRNOS:
+    except OSError as err:  # one that no write site named (those raise OutputError, a DMTCError)
+        if err.errno in _WRITE_ERRNOS:
+            print(f"error: {OutputError(err.filename or 'a file', err)}", file=sys.stderr)
+        elif err.errno in OUTPUT_ERRNOS and err.filename:  # permissions, reading or writing
+            print(f"error: cannot access {err.filename}: {err.strerror}; fix its permissions or point the config "
+                  "at another folder", file=sys.stderr)
+        else:
             raise
-        print(f"error: {OutputError(err.filename or 'a file', err)}", file=sys.stderr)
         sys.exit(1)
     except MissingMandatoryValue as err:  # a ??? key of the config the command line left unset
         key = err.full_key or "a required key"

@@ -7,7 +7,7 @@ SIGINT and SIGTERM in the main process (SIGUSR1 is left to Lightning's SLURM req
   own graceful stop (its SIGTERM handler: ``trainer.received_sigterm``, then ``SIGTERMException`` at the end
   of the current step, after its optimizer and scheduler steps) ends the fit, and :class:`SaveOnInterrupt`
   saves that step as ``last.ckpt`` (atomically, :mod:`dmtc.checkpoint_io`) before the exception leaves the
-  Trainer. A SIGINT is passed on to Lightning as a SIGTERM at the next step boundary;
+  Trainer. A SIGINT is passed on to Lightning as a SIGTERM;
 * **anywhere else** (labeling, data preparation, the re-validation of a stage's best checkpoints) the
   signal raises :class:`Interrupted` at once: atomic writes remove their temporary files and an unfinished
   pseudo-label store has no manifest, so nothing half-written is trusted by the rerun.
@@ -84,6 +84,8 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     if _STATE.deferred:
         log.warning("%s received: stopping at the end of the current step (Ctrl-C again to stop at once)",
                     signal_name(signum))
+        if signum != signal.SIGTERM:  # Lightning's graceful stop listens to SIGTERM only
+            signal.raise_signal(signal.SIGTERM)
         return
     raise Interrupted(signum)
 

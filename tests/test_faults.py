@@ -271,6 +271,21 @@ def test_truncated_last_checkpoint_warns_once_and_resumes_from_the_previous_one(
     _assert_same_run(run, reference)
 
 
+def test_ctrl_c_mid_phase_saves_the_step_it_arrived_after(base):
+    """A SIGINT is handed to Lightning's graceful stop as a SIGTERM: the step it came after is saved."""
+    run = base / "sigint"
+    proc = _run(base, run, "+callbacks.int._target_=test_faults.SignalAtStep", "+callbacks.int.step=5",
+                "+callbacks.int.stage=mutual", "+callbacks.int.signum=SIGINT")
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr[-3000:]
+    _clean(proc.stdout + proc.stderr)
+    last = run / "phase1_r0.5" / "checkpoints" / "last.ckpt"
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "interrupted: stopped by SIGINT (Ctrl-C) at step 5 of phase 1/2 r=0.5 (A on B's, B on A's labels): saved "
+        f"to {last}; rerun the same command to continue from that step")
+    assert "Received SIGTERM" not in proc.stdout + proc.stderr  # Lightning's line would name the wrong signal
+    assert checkpoint_step(last) == 5 and not (run / "run.lock").exists()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_during_labeling_is_one_line_and_the_half_written_store_is_not_trusted(base, signum):
     """Today's 75-line traceback: SIGTERM or Ctrl-C while model A labels ends in one line, status 128 + signal,
