@@ -37,6 +37,15 @@ _RESUME_WARNINGS = (r"Checkpoint directory .* exists and is not empty",
                     r"You're resuming from a checkpoint that ended before the epoch ended")
 
 
+def quiet_resume_warnings() -> None:
+    """Ignore :data:`_RESUME_WARNINGS` (idempotent: the filters are added once, since every change to the
+    warning filters makes Python show again the warnings it had already shown once)."""
+    present = {f[1].pattern for f in warnings.filters if f[0] == "ignore" and f[1] is not None}
+    for expected in _RESUME_WARNINGS:
+        if expected not in present:
+            warnings.filterwarnings("ignore", message=expected)
+
+
 def run_record(cfg: DictConfig) -> dict[str, Any]:
     """What a checkpoint carries of its training run for evaluation and labeling (:mod:`dmtc.from_checkpoint`):
     the resolved ``dataset`` settings (paths absolute, schedules dropped), ``split``, ``sid`` and the method."""
@@ -136,8 +145,7 @@ def build_trainer(
     arguments. Lightning's start-up lines are printed once per process.
     """
     banner_once()
-    for expected in _RESUME_WARNINGS:
-        warnings.filterwarnings("ignore", message=expected)
+    quiet_resume_warnings()
     if loggers is None:
         loggers = build_loggers(cfg)
     callbacks = []
