@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from dmtc.errors import DMTCError, output_error
-from dmtc.files import fsync_dir, is_rank_zero, temp_sibling
+from dmtc.files import fsync_dir, is_rank_zero, remove_temporaries, temp_sibling
 
 log = logging.getLogger(__name__)
 
@@ -147,13 +147,10 @@ def checkpoint_step(path: str | os.PathLike[str]) -> int | None:
 
 
 def remove_stale_temporaries(directory: str | os.PathLike[str]) -> None:
-    """Delete ``.<name>.<pid>.<random>.tmp`` files of checkpoint saves that a kill interrupted. Call it
-    only while holding the run folder (:mod:`dmtc.run_lock`): no other process writes there then."""
-    directory = Path(directory)
-    if not directory.is_dir() or not is_rank_zero():
-        return
-    for tmp in directory.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+    """Delete the temporary files of checkpoint saves that a kill interrupted (global rank 0). Call it only
+    while holding the run folder (:mod:`dmtc.run_lock`): no other process writes there then."""
+    if Path(directory).is_dir() and is_rank_zero():
+        remove_temporaries(directory)
 
 
 def resume_checkpoint(directory: str | os.PathLike[str], *, what: str = "the run") -> Path | None:

@@ -15,6 +15,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from dmtc import interrupts
 from dmtc.errors import OUTPUT_ERRNOS, DMTCError, OutputError
+from dmtc.files import remove_temporaries
 from dmtc.run_lock import hold_run_folder
 
 RERUN = "rerun the same command to continue"
@@ -50,17 +51,19 @@ def _output_path(cfg: DictConfig) -> Path | None:
 
 
 def run_entry(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Call ``fn(cfg)`` holding the run folder (:mod:`dmtc.run_lock`) with clean interrupts
-    (:mod:`dmtc.interrupts`). Exits with status 1 and one message instead of a stack trace on a
-    :class:`DMTCError` (also raised inside a DataLoader worker: a busy run folder, a diverged run, a file
-    that cannot be written, ...), a mandatory config value left unset (``???``) or an ``OSError`` writing a
-    file (disk full, quota, file-size limit, permissions); with 128 + the signal number and one line on
-    Ctrl-C / SIGINT / SIGTERM."""
+    """Call ``fn(cfg)`` holding the run folder (:mod:`dmtc.run_lock`; temporary files that a killed command
+    left there are removed first) with clean interrupts (:mod:`dmtc.interrupts`). Exits with status 1 and
+    one message instead of a stack trace on a :class:`DMTCError` (also raised inside a DataLoader worker: a
+    busy run folder, a diverged run, a file that cannot be written, ...), a mandatory config value left unset
+    (``???``) or an ``OSError`` writing a file (disk full, quota, file-size limit, permissions); with 128 +
+    the signal number and one line on Ctrl-C / SIGINT / SIGTERM."""
     try:
         with interrupts.handle_interrupts():
             try:
                 output = _output_path(cfg)
-                with hold_run_folder(output) if output is not None else contextlib.nullcontext():
+                with hold_run_folder(output) if output is not None else contextlib.nullcontext() as lock:
+                    if lock is not None:  # the folder is ours: what a killed command was writing goes
+                        remove_temporaries(output, recursive=True)
                     return fn(cfg)
             except BaseException as err:
                 if interrupts.is_interrupt(err):  # the message needs the state before the handlers go

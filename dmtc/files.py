@@ -17,8 +17,10 @@ files (:func:`is_rank_zero`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,6 +49,23 @@ def is_rank_zero() -> bool:
 def temp_sibling(path: Path) -> Path:
     """A fresh temporary name beside ``path`` (same file system, so the final rename is atomic)."""
     return path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+
+
+_TEMP_NAME = re.compile(r"^\..+\.\d+\.[0-9a-f]{12}\.tmp$")
+
+
+def remove_temporaries(directory: str | os.PathLike[str], *, recursive: bool = False) -> int:
+    """Delete the :func:`temp_sibling` files that writes killed mid-way left in ``directory`` (and below it if
+    ``recursive``); returns how many. Only for a folder no live process writes to: a held run folder
+    (:mod:`dmtc.run_lock`)."""
+    removed = 0
+    for root, _, names in os.walk(directory) if recursive else [(directory, None, os.listdir(directory))]:
+        for name in names:
+            if _TEMP_NAME.match(name):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(root, name))
+                    removed += 1
+    return removed
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:

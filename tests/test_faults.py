@@ -28,6 +28,7 @@ from conftest import REPO, tiny_run_overrides
 from dmtc.checkpoint_io import PREVIOUS, AtomicCheckpointIO, checkpoint_step, resume_checkpoint
 from dmtc.divergence import DivergenceError, DivergenceGuard
 from dmtc.errors import OutputError
+from dmtc.files import temp_sibling
 
 TESTS = Path(__file__).resolve().parent
 SEED = 15
@@ -260,6 +261,10 @@ def test_truncated_last_checkpoint_warns_once_and_resumes_from_the_previous_one(
     last = run / "phase1_r0.5" / "checkpoints" / "last.ckpt"
     with open(last, "r+b") as f:
         f.truncate(last.stat().st_size // 3)
+    # what a kill -9 during other writes leaves: removed by the rerun, which holds the folder
+    leftovers = [temp_sibling(run / "phase1_r0.5" / "done.json"), temp_sibling(run / "csv" / "metrics.csv")]
+    for leftover in leftovers:
+        leftover.write_text("half a file")
     rerun = _run(base, run)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     log = rerun.stdout + rerun.stderr
@@ -469,7 +474,7 @@ def test_resume_falls_back_to_the_previous_checkpoint_then_to_the_start(tmp_path
     last = tmp_path / "last.ckpt"
     io.save_checkpoint(_ckpt(4), last)
     io.save_checkpoint(_ckpt(6), last)
-    (tmp_path / ".last.ckpt.123.abc.tmp").write_bytes(b"half a checkpoint")  # a save killed mid-write
+    temp_sibling(last).write_bytes(b"half a checkpoint")  # a save killed mid-write
     assert resume_checkpoint(tmp_path) == last and not list(tmp_path.glob(".*.tmp"))
     last.write_bytes(b"PK\x03\x04 not a whole zip")
     with caplog.at_level(logging.WARNING):
