@@ -89,6 +89,22 @@ MUTATIONS = [
              "dmtc/dmt/labeling.py", "align_corners=model_align_corners(model))", "align_corners=False)"),
     Mutation("checkpoint_inputs_dropped", "evaluation normalises with the config's init, not the checkpoint's",
              "dmtc/from_checkpoint.py", 'inputs = dict(arch.get("inputs") or {})', "inputs = {}"),
+    # crash safety (issue 15)
+    Mutation("checkpoint_in_place", "checkpoints written in place (a failed save leaves a truncated file)",
+             "dmtc/checkpoint_io.py", "        tmp = temp_sibling(path)\n        if path.name == LAST:",
+             "        tmp = path\n        if path.name == LAST:"),
+    Mutation("resume_trusts_any_file", "a resume takes last.ckpt without checking it can be read",
+             "dmtc/checkpoint_io.py", "        problem = checkpoint_problem(path)\n", "        problem = None\n"),
+    Mutation("divergence_unchecked", "non-finite losses and gradients are never reported", "dmtc/divergence.py",
+             "        if first < 0:\n            return", "        if True:\n            return"),
+    Mutation("interrupt_not_saved", "SIGTERM while training saves nothing (the rerun repeats the steps)",
+             "dmtc/interrupts.py", "        if step != self._saved_step or not path.is_file():",
+             "        if False:"),
+    Mutation("resume_keeps_old_lr", "a resumed run keeps the learning rate of the checkpoint", "dmtc/module.py",
+             "        if len(optimizers) != 1:\n            return", "        if True:\n            return"),
+    Mutation("no_run_lock", "a second command on a busy run folder takes it too", "dmtc/run_lock.py",
+             "            if err.errno in (errno.EAGAIN, errno.EACCES):\n                return False",
+             "            if err.errno in (errno.EAGAIN, errno.EACCES):\n                return True"),
 ]
 
 

@@ -26,6 +26,10 @@ class ValidateAtEnd(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         self.total = trainer.estimated_stepping_batches  # the fit's last step, once per fit
+        # resumed from the checkpoint of the last step's validation (the run stopped before the stage was
+        # recorded as done): nothing is left to train, and Lightning would otherwise restart the epoch that
+        # validation interrupted and add a step
+        trainer.should_stop |= trainer.global_step >= self.total
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:  # noqa: D102

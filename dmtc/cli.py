@@ -1,17 +1,28 @@
-"""Shared behaviour of the ``@hydra.main`` entry points: user errors end with one clear message."""
+"""Shared behaviour of the ``@hydra.main`` entry points: user errors, interrupts and failed writes end with one
+clear message; one command at a time per run folder."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from dmtc.errors import DMTCError
+from dmtc import interrupts
+from dmtc.errors import OUTPUT_ERRNOS, DMTCError, OutputError
+from dmtc.files import remove_temporaries
+from dmtc.run_lock import hold_run_folder
+
+RERUN = "rerun the same command to continue"
+#: errno values that only a write can meet
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
 def user_message(err: BaseException) -> str:
@@ -63,15 +74,64 @@ def one_multirun_job() -> Iterator[None]:
         sys.argv = argv
 
 
-def run_entry(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Call ``fn(cfg)``; a :class:`DMTCError` (also raised inside a DataLoader worker) or a mandatory config
-    value left unset (``???``) exits with status 1 and one message instead of a stack trace. A multirun
-    job's DDP processes run that job only (:func:`one_multirun_job`)."""
+def interrupt_message(signum: int | None) -> str:
+    """What an interrupted run tells its user: the signal, the step saved (if training was stopped) and that
+    the same command continues it."""
+    name = interrupts.signal_name(signum) if signum is not None else "a signal"
+    saved = interrupts.saved()
+    if saved is not None:
+        path, step, stage = saved
+        return f"stopped by {name} at step {step} of {stage}: saved to {path}; {RERUN} from that step"
+    return (f"stopped by {name} before a training step could be saved: what was saved so far (checkpoints, "
+            f"finished phases, complete pseudo-label stores) is kept; {RERUN}")
+
+
+def _output_path(cfg: DictConfig) -> Path | None:
     try:
-        with one_multirun_job():
-            return fn(cfg)
+        return Path(cfg.paths.output_dir)
+    except Exception:  # a config without an output folder (tests composing a bare config)
+        return None
+
+
+def run_entry(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Call ``fn(cfg)`` holding the run folder (:mod:`dmtc.run_lock`; temporary files that a killed command
+    left there are removed first) with clean interrupts (:mod:`dmtc.interrupts`). Exits with status 1 and
+    one message instead of a stack trace on a :class:`DMTCError` (also raised inside a DataLoader worker: a
+    busy run folder, a diverged run, a file that cannot be written, ...), a mandatory config value left unset
+    (``???``) or an ``OSError`` writing a file (disk full, quota, file-size limit, permissions); with 128 +
+    the signal number and one line on Ctrl-C / SIGINT / SIGTERM. A multirun job's DDP processes run that job
+    only (:func:`one_multirun_job`)."""
+    try:
+        with interrupts.handle_interrupts():
+            try:
+                output = _output_path(cfg)
+                with one_multirun_job(), (hold_run_folder(output) if output is not None
+                                          else contextlib.nullcontext()) as lock:
+                    if lock is not None:  # the folder is ours: what a killed command was writing goes
+                        remove_temporaries(output, recursive=True)
+                    return fn(cfg)
+            except BaseException as err:
+                if interrupts.is_interrupt(err):  # the message needs the state before the handlers go
+                    raise _Stopped(interrupt_message(_signum(err)), _signum(err)) from None
+                raise
+    except _Stopped as stop:
+        print(f"interrupted: {stop.message}", file=sys.stderr)
+        sys.exit(128 + (stop.signum or 15))
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once
+        print(f"interrupted: stopped at once by a second Ctrl-C; the last saved checkpoint is kept; {RERUN}",
+              file=sys.stderr)
+        sys.exit(130)
     except DMTCError as err:
         print(f"error: {user_message(err)}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as err:  # one that no write site named (those raise OutputError, a DMTCError)
+        if err.errno in _WRITE_ERRNOS:
+            print(f"error: {OutputError(err.filename or 'a file', err)}", file=sys.stderr)
+        elif err.errno in OUTPUT_ERRNOS and err.filename:  # permissions, reading or writing
+            print(f"error: cannot access {err.filename}: {err.strerror}; fix its permissions or point the config "
+                  "at another folder", file=sys.stderr)
+        else:
+            raise
         sys.exit(1)
     except MissingMandatoryValue as err:  # a ??? key of the config the command line left unset
         key = err.full_key or "a required key"
@@ -79,3 +139,16 @@ def run_entry(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
               f"(e.g. dataset=folder needs dataset.num_classes=N and 'dataset.class_names=[...]'; README)",
               file=sys.stderr)
         sys.exit(1)
+
+
+class _Stopped(BaseException):
+    def __init__(self, message: str, signum: int | None) -> None:
+        super().__init__(message)
+        self.message, self.signum = message, signum
+
+
+def _signum(err: BaseException) -> int | None:
+    if isinstance(err, interrupts.Interrupted):
+        return err.signum
+    return interrupts.pending() or 15  # Lightning's SIGTERM stop (or ours passed on to it)
+

@@ -4,23 +4,31 @@ Every file dmtc writes that a later run trusts (results.json, done.json, pseudo-
 cache, the synthetic set, logs) follows one protocol:
 
 1. each file is written to a temporary sibling (``.<name>.<pid>.<random>.tmp``) and moved into place with
-   ``os.replace`` (atomic on POSIX): a reader sees the old file or the new one, never half of one;
+   ``os.replace`` (atomic on POSIX): a reader sees the old file or the new one, never half of one; files that
+   later steps build on (checkpoints: :mod:`dmtc.checkpoint_io`; a phase's ``done.json``) are also fsynced
+   with their folder (``durable=True``), so a crash of the machine cannot leave a renamed but empty file;
 2. a collection of files (a store, a cache) is complete only once its ``manifest.json`` is written, last,
    by :func:`write_manifest`; :func:`read_manifest` returns it only when it matches what the reader expects.
 
-Under DDP only the global rank 0 writes shared files (:func:`is_rank_zero`).
+A write that fails for want of space, quota or permission raises :class:`dmtc.errors.OutputError`
+naming the file (the temporary sibling is removed first). Under DDP only the global rank 0 writes shared
+files (:func:`is_rank_zero`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from dmtc.errors import output_error
 
 MANIFEST = "manifest.json"
 RESULTS = "results.json"
@@ -43,30 +51,73 @@ def temp_sibling(path: Path) -> Path:
     return path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary sibling and a rename; the temporary file is removed
-    if the write fails (a full disk leaves the old file, never a truncated one)."""
+_TEMP_NAME = re.compile(r"^\..+\.\d+\.[0-9a-f]{12}\.tmp$")
+
+
+def remove_temporaries(directory: str | os.PathLike[str], *, recursive: bool = False) -> int:
+    """Delete the :func:`temp_sibling` files that writes killed mid-way left in ``directory`` (and below it if
+    ``recursive``); returns how many. Only for a folder no live process writes to: a held run folder
+    (:mod:`dmtc.run_lock`)."""
+    removed = 0
+    for root, _, names in os.walk(directory) if recursive else [(directory, None, os.listdir(directory))]:
+        for name in names:
+            if _TEMP_NAME.match(name):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(root, name))
+                    removed += 1
+    return removed
+
+
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """Flush ``directory``'s entries (a rename into it) to disk; a no-op where the OS cannot (Windows, some
+    network file systems)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bool = False) -> Path:
+    """Write ``data`` to ``path`` through a temporary sibling and a rename: a reader sees the old file or the
+    new one, never a partial one. ``durable``: the data and the rename are fsynced before returning (a crash
+    of the machine keeps the old or the new file, not an empty one). On failure the temporary file is
+    removed (a full disk leaves the old file, never a truncated one); a full disk, quota, file-size limit
+    or missing permission raises :class:`dmtc.errors.OutputError` naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "xb") as f:
             f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+        if durable:
+            fsync_dir(path.parent)
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        failed = output_error(path, err)
+        if failed is not None and failed is not err:
+            raise failed from err
         raise
     return path
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, durable: bool = False) -> Path:
     """:func:`atomic_write_bytes` of UTF-8 ``text``."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    return atomic_write_bytes(path, text.encode("utf-8"), durable=durable)
 
 
-def write_json(path: str | os.PathLike[str], data: Mapping[str, Any]) -> Path:
-    """Write ``data`` as indented JSON, atomically."""
-    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+def write_json(path: str | os.PathLike[str], data: Mapping[str, Any], *, durable: bool = False) -> Path:
+    """Write ``data`` as indented JSON, atomically (:func:`atomic_write_bytes`)."""
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n", durable=durable)
 
 
 def read_json(path: str | os.PathLike[str]) -> Any | None:

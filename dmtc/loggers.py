@@ -38,7 +38,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
-from dmtc.errors import DMTCError
+from dmtc.errors import DMTCError, output_error
 from dmtc.files import atomic_write_text, is_rank_zero, temp_sibling
 
 log = logging.getLogger(__name__)
@@ -165,9 +165,19 @@ class ResumableCSV:
         os.replace(tmp, self.path)
 
     def append(self, rows: list[dict[str, Any]]) -> None:
-        """Append ``rows`` (each with a ``step``), widening the header when they bring new columns."""
+        """Append ``rows`` (each with a ``step``), widening the header when they bring new columns; a full disk
+        or a file-size limit is one :class:`dmtc.errors.OutputError` naming the log."""
         if not rows:
             return
+        try:
+            self._append(rows)
+        except OSError as err:
+            failed = output_error(self.path, err)
+            if failed is None or failed is err:
+                raise
+            raise failed from err
+
+    def _append(self, rows: list[dict[str, Any]]) -> None:
         if self.earlier is not None:
             first = min(float(r["step"]) for r in rows)
             kept = [r for r in self.earlier if _step_of(r) <= first]

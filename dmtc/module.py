@@ -10,6 +10,7 @@ batches. The learning rate follows DeepLab's "poly" policy stepped every iterati
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,6 +22,8 @@ from torch import nn
 from dmtc.data.layouts import IGNORE_INDEX
 from dmtc.metrics import make_miou_metric, summarize
 from dmtc.models.deeplab import model_align_corners, upsample_logits
+
+log = logging.getLogger(__name__)
 
 ENSEMBLE = "ens"
 CHECKPOINT_KEY = "dmtc"
@@ -113,6 +116,35 @@ class SegmentationModule(L.LightningModule):
             "models": {k: m.architecture() for k, m in self.models.items() if hasattr(m, "architecture")},
             **self.run_record,
         }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed run trains with the settings of its command, not of the run that saved the checkpoint:
+        the restored optimizer and poly schedule get this module's learning rate (the poly factor reached is
+        kept), momentum and weight decay. So rerunning a diverged run with a lower ``optim.lr`` (or
+        ``method.phase.lr``) continues from its last good checkpoint at the new rate."""
+        optimizers, schedulers = checkpoint.get("optimizer_states") or [], checkpoint.get("lr_schedulers") or []
+        if len(optimizers) != 1:
+            return
+        groups = optimizers[0].get("param_groups", [])
+        scheduler = schedulers[0] if len(schedulers) == 1 and isinstance(schedulers[0], dict) else {}
+        changed = set()
+        for i, group in enumerate(groups):
+            base = self.lr * (self.head_lr_mult if str(group.get("name", "")).endswith("/head") else 1.0)
+            old = float(group.get("initial_lr", group.get("lr", base)))
+            if old != base and old > 0:
+                changed.add(f"learning rate {old:g} → {base:g}")
+                scale = base / old  # the current lr is base · poly factor: keep the factor
+                group["lr"], group["initial_lr"] = float(group.get("lr", old)) * scale, base
+                for key in ("base_lrs", "_last_lr"):
+                    values = scheduler.get(key)
+                    if isinstance(values, list) and i < len(values):
+                        values[i] = float(values[i]) * scale
+            for name, value in (("momentum", self.momentum), ("weight_decay", self.weight_decay)):
+                if name in group and float(group[name]) != value:
+                    changed.add(f"{name} {float(group[name]):g} → {value:g}")
+                    group[name] = value
+        if changed:
+            log.info("resuming with this command's settings: %s", ", ".join(sorted(changed)))
 
     @property
     def primary(self) -> str:

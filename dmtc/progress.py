@@ -34,7 +34,8 @@ def format_duration(seconds: float) -> str:
 
 
 class StageProgress:
-    """What a progress display says about the stage it runs in (set by :func:`dmtc.trainer.build_trainer`)."""
+    """What a progress display (and a divergence or interrupt message) says about the stage it runs in (set
+    by :func:`dmtc.trainer.build_trainer`)."""
 
     stage: str = "training"
 

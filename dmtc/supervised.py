@@ -2,7 +2,8 @@
 model and no phases (Feng et al., Pattern Recognition 2022, §4.1: the "supervised" rows of its tables).
 
 SGD + poly schedule (:mod:`dmtc.module`), the best checkpoint by val mIoU kept and re-validated.
-Rerunning the same command in the same run folder resumes from Lightning's ``last.ckpt``.
+Rerunning the same command in the same run folder resumes from Lightning's ``last.ckpt`` (or, if that is
+unreadable, the previous one: :func:`dmtc.checkpoint_io.resume_checkpoint`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
+from dmtc import interrupts
+from dmtc.checkpoint_io import checkpoint_step, remove_resume_files, resume_checkpoint
 from dmtc.data.build import build_datamodule
 from dmtc.files import is_rank_zero
 from dmtc.models.inits import build_model
@@ -46,11 +49,13 @@ def run_supervised(cfg: DictConfig) -> dict[str, Any]:
              len(split.labeled), len(split.unlabeled), len(split.val))
     module = build_module(cfg, {"a": build_model(cfg)})
     trainer = build_trainer(cfg, stage="supervised (A)")
-    last = output_dir / "checkpoints" / "last.ckpt"
-    resume = str(last) if last.is_file() and not overwrite else None
+    checkpoints = output_dir / "checkpoints"
+    resume = None if overwrite else resume_checkpoint(checkpoints, what="the training")
     if resume:
-        log.info("resuming from %s", resume)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        log.info("resuming from %s (step %s)", resume, checkpoint_step(resume))
+    with interrupts.deferred():
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    remove_resume_files(checkpoints, keep_last=True)  # last.ckpt stays: evaluation and docs name it
     best = best_checkpoint(trainer)
     trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
     return supervised_results(cfg, split, module.val_summaries[module.primary], best, trainer.global_step,

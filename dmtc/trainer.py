@@ -2,11 +2,13 @@
 
 A run builds its loggers once (:func:`build_loggers`: one W&B run, one ``metrics.csv``, continued by a
 rerun) and one Trainer per stage (:func:`build_trainer`; DMT: the warm-up and each phase), whose loggers
-share one step axis through :class:`dmtc.loggers.StepOffsetLogger`.
+share one step axis through :class:`dmtc.loggers.StepOffsetLogger`. Every Trainer writes its checkpoints
+atomically (:class:`dmtc.checkpoint_io.AtomicCheckpointIO`).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,9 @@ import lightning as L
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from dmtc.checkpoint_io import AtomicCheckpointIO
 from dmtc.dashboards import WandbMedia, wandb_loggers
+from dmtc.divergence import DivergenceGuard
 from dmtc.module import SegmentationModule
 from dmtc.progress import StageProgress, banner_once
 from dmtc.settings import OptimSettings, optim_settings
@@ -26,6 +30,21 @@ _SCHEDULE_KEYS = ("schedule", "schedules")
 
 #: dataset keys holding paths: made absolute, so a checkpoint's settings work from any working directory
 _PATH_KEYS = ("root", "split_dir", "resized_cache_dir")
+
+
+#: Lightning's warnings about what every dmtc resume does by design: reuse its checkpoint folder, and continue
+#: an epoch stopped by an interrupt (the rest of that epoch draws a fresh shuffle of the data)
+_RESUME_WARNINGS = (r"Checkpoint directory .* exists and is not empty",
+                    r"You're resuming from a checkpoint that ended before the epoch ended")
+
+
+def quiet_resume_warnings() -> None:
+    """Ignore :data:`_RESUME_WARNINGS` (idempotent: the filters are added once, since every change to the
+    warning filters makes Python show again the warnings it had already shown once)."""
+    present = {f[1].pattern for f in warnings.filters if f[0] == "ignore" and f[1] is not None}
+    for expected in _RESUME_WARNINGS:
+        if expected not in present:
+            warnings.filterwarnings("ignore", message=expected)
 
 
 def run_record(cfg: DictConfig) -> dict[str, Any]:
@@ -113,18 +132,24 @@ def build_trainer(
     exclude_callbacks: tuple[str, ...] = (),
     extra_callbacks: list[Any] | None = None,
     stage: str | None = None,
+    lr_key: str = "optim.lr",
     **overrides: Any,
 ) -> L.Trainer:
-    """Lightning Trainer from ``cfg.trainer`` with the configured callbacks and loggers.
+    """Lightning Trainer from ``cfg.trainer`` with the configured callbacks and loggers, saving checkpoints
+    through :class:`dmtc.checkpoint_io.AtomicCheckpointIO` (unless ``plugins`` are given).
 
     ``loggers`` reuses logger instances (else they are built from ``cfg.logger``); ``exclude_callbacks``
     names ``cfg.callbacks`` entries to leave out and ``extra_callbacks`` adds instances (DMT's per-model
-    checkpoints); ``stage`` names the stage in the progress display (:mod:`dmtc.progress`); ``overrides``
-    replace ``cfg.trainer`` arguments. Lightning's start-up lines are printed once per process. A run that
-    logs to W&B also gets :class:`dmtc.dashboards.WandbMedia` (per-class tables and mask overlays of
-    ``media.val_images`` val images at each validation).
+    checkpoints); ``stage`` names the stage in the progress display (:mod:`dmtc.progress`) and in the
+    messages of a divergence or an interrupt; ``lr_key`` is the config key of the stage's learning rate
+    (:class:`dmtc.divergence.DivergenceGuard` suggests lowering it); ``overrides`` replace ``cfg.trainer``
+    arguments. Lightning's start-up lines are printed once per process. A run that logs to W&B also gets
+    :class:`dmtc.dashboards.WandbMedia` (per-class tables and mask overlays of ``media.val_images`` val
+    images at each validation); inside a SLURM job the Trainer reads the allocation
+    (:func:`cluster_plugins`).
     """
     banner_once()
+    quiet_resume_warnings()
     if loggers is None:
         loggers = build_loggers(cfg)
     callbacks = []
@@ -141,13 +166,17 @@ def build_trainer(
     for callback in callbacks:
         if stage and isinstance(callback, StageProgress):
             callback.stage = stage
+        if isinstance(callback, DivergenceGuard):
+            callback.lr_key, callback.run_dir = lr_key, str(cfg.paths.output_dir)
     kwargs: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False,
-                              "sync_batchnorm": sync_batchnorm(cfg.trainer), **cluster_plugins()}
+                              "sync_batchnorm": sync_batchnorm(cfg.trainer)}
+    if not cfg.trainer.get("plugins"):
+        kwargs["plugins"] = [AtomicCheckpointIO(), *cluster_plugins()]
     kwargs.update(overrides)
     return instantiate(cfg.trainer, **kwargs)
 
 
-def cluster_plugins() -> dict[str, Any]:
+def cluster_plugins() -> list[Any]:
     """Inside a SLURM job: Lightning's SLURM environment (ranks, nodes and addresses from SLURM) with its
     automatic requeue off. A job is requeued by one mechanism only, submitit's (``hydra/launcher=slurm``): it
     owns the job, requeues it at USR1 whatever stage the run is in (training, labeling, between phases), and
@@ -156,8 +185,8 @@ def cluster_plugins() -> dict[str, Any]:
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     if not SLURMEnvironment.detect():
-        return {}
-    return {"plugins": [SLURMEnvironment(auto_requeue=False)]}
+        return []
+    return [SLURMEnvironment(auto_requeue=False)]
 
 
 def sync_batchnorm(trainer_cfg: DictConfig) -> bool:

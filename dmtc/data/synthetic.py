@@ -83,10 +83,16 @@ def _write_one(job: _Job) -> None:
     image, label = render_sample(np.random.default_rng([seed, split_id, index]), spec)
     name = f"{split}_{index:05d}.png"
     params = [cv2.IMWRITE_PNG_COMPRESSION, 3]
-    if not cv2.imwrite(os.path.join(out, "images", split, name), image[..., ::-1], params):
-        raise OSError(f"could not write {out}/images/{split}/{name}")
-    if not cv2.imwrite(os.path.join(out, "labels", split, name), label, params):
-        raise OSError(f"could not write {out}/labels/{split}/{name}")
+    for path, array in ((os.path.join(out, "images", split, name), image[..., ::-1]),
+                        (os.path.join(out, "labels", split, name), label)):
+        try:
+            written = cv2.imwrite(path, array, params)
+        except cv2.error:
+            written = False
+        if not written:
+            raise DMTCError(f"cannot write the synthetic dataset file {path} (disk full, a file-size limit or no "
+                            "permission?): free space there or set paths.cache_dir to a writable folder, then "
+                            "rerun the same command (a half-written dataset is never used)")
 
 
 def _init_worker() -> None:

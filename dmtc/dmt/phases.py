@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from dmtc.callbacks import last_checkpoint_callback
+from dmtc.checkpoint_io import checkpoint_problem
 from dmtc.dmt.pair import PAIR
 from dmtc.errors import DMTCError
 from dmtc.files import read_json, write_json
@@ -85,7 +86,8 @@ class PhaseRecord:
 
 
 def read_done(run_dir: Path, phase: Phase) -> PhaseRecord | None:
-    """The phase's record if it is complete and consistent (its checkpoints exist), else None."""
+    """The phase's record if it is complete and consistent (its checkpoints exist and can be read), else None
+    (with a warning saying why, when a record exists)."""
     path = run_dir / phase.name / DONE
     data = read_json(path)
     if data is None:
@@ -99,12 +101,18 @@ def read_done(run_dir: Path, phase: Phase) -> PhaseRecord | None:
     if not ok:
         log.warning("ignoring inconsistent %s: the phase will be (re)run", path)
         return None
+    for key in PAIR:
+        problem = checkpoint_problem(record.checkpoint(run_dir, key))
+        if problem is not None:
+            log.warning("ignoring %s: its checkpoint %s is unreadable (%s; truncated or damaged): the phase will "
+                        "be rerun", path, record.checkpoint(run_dir, key), problem)
+            return None
     return record
 
 
 def write_done(run_dir: Path, record: PhaseRecord) -> Path:
     """Write the phase's ``done.json`` (atomically: the phase counts as finished once it exists)."""
-    return write_json(run_dir / record.name / DONE, asdict(record))
+    return write_json(run_dir / record.name / DONE, asdict(record), durable=True)
 
 
 def relative(path: str | Path, root: Path) -> str:
@@ -132,8 +140,14 @@ def checkpoint_callbacks(phase_dir: Path) -> dict[str, ModelCheckpoint]:
 
 def load_phase_weights(model: nn.Module, path: str | Path, key: str) -> None:
     """Load model ``key``'s weights from one of a phase's Lightning checkpoints (``state_dict`` entries
-    ``models.<key>.*``) into ``model``, strictly: every tensor of the model must be there."""
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    ``models.<key>.*``) into ``model``, strictly: every tensor of the model must be there. An unreadable
+    file is one :class:`DMTCError` naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    except Exception as err:  # any failure to read means the file is unusable
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise DMTCError(f"checkpoint {path} cannot be read ({reason}): it is truncated or damaged; delete the "
+                        "phase's done.json to train that phase again") from err
     prefix = f"models.{key}."
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not weights:

@@ -35,6 +35,8 @@ import lightning as L
 from omegaconf import DictConfig
 from torch import nn
 
+from dmtc import interrupts
+from dmtc.checkpoint_io import checkpoint_step, remove_resume_files, resume_checkpoint
 from dmtc.data.build import build_datamodule, resize_options
 from dmtc.data.datamodule import SegmentationDataModule
 from dmtc.data.layouts import DatasetLayout
@@ -158,12 +160,14 @@ def fit_phase(run: Run, phase: Phase, step_offset: int, pseudo: dict[str, Any] |
     trainer = build_trainer(cfg, loggers=loggers, exclude_callbacks=("model_checkpoint", "last_checkpoint"),
                             extra_callbacks=list(callbacks.values()), default_root_dir=str(phase_dir),
                             stage=stage_label(phase, phases), **stage_schedule(cfg, phase),
+                            lr_key="optim.lr" if phase.warmup else "method.phase.lr",
                             **({} if first_fit else {"enable_model_summary": False}))
-    last = phase_dir / "checkpoints" / "last.ckpt"
-    resume = str(last) if last.is_file() else None
+    checkpoints = phase_dir / "checkpoints"
+    resume = resume_checkpoint(checkpoints, what=phase.name)
     if resume:
-        log.info("%s: resuming from %s", phase.name, resume)
-    trainer.fit(module, datamodule=run.datamodule, ckpt_path=resume)
+        log.info("%s: resuming from %s (step %s)", phase.name, resume, checkpoint_step(resume))
+    with interrupts.deferred():
+        trainer.fit(module, datamodule=run.datamodule, ckpt_path=resume)
 
     best: dict[str, str] = {}
     for key in PAIR:
@@ -185,9 +189,8 @@ def fit_phase(run: Run, phase: Phase, step_offset: int, pseudo: dict[str, Any] |
     )
     if trainer.is_global_zero:
         write_done(run_dir, record)
-        if not cfg.method.get("keep_last", False):
-            # a finished phase is never resumed: its last.ckpt (weights + optimizer of both models) goes
-            last.unlink(missing_ok=True)
+        # a finished phase is never resumed: its last.ckpt (weights + optimizer of both models) goes
+        remove_resume_files(checkpoints, keep_last=bool(cfg.method.get("keep_last", False)))
         log.info("%s done: mIoU A %.2f, B %.2f, ensemble %.2f", phase.name, record.miou("a"), record.miou("b"),
                  record.miou(ENSEMBLE))
     return record
