@@ -74,16 +74,17 @@ def one_multirun_job() -> Iterator[None]:
         sys.argv = argv
 
 
-def interrupt_message(signum: int | None) -> str:
+def interrupt_message(signum: int | None, requeued: bool = False) -> str:
     """What an interrupted run tells its user: the signal, the step saved (if training was stopped) and that
-    the same command continues it."""
+    the same command continues it (``requeued``: the scheduler reruns it)."""
     name = interrupts.signal_name(signum) if signum is not None else "a signal"
+    then = "the job is requeued and continues" if requeued else RERUN
     saved = interrupts.saved()
     if saved is not None:
         path, step, stage = saved
-        return f"stopped by {name} at step {step} of {stage}: saved to {path}; {RERUN} from that step"
+        return f"stopped by {name} at step {step} of {stage}: saved to {path}; {then} from that step"
     return (f"stopped by {name} before a training step could be saved: what was saved so far (checkpoints, "
-            f"finished phases, complete pseudo-label stores) is kept; {RERUN}")
+            f"finished phases, complete pseudo-label stores) is kept; {then}")
 
 
 def _output_path(cfg: DictConfig) -> Path | None:
@@ -112,10 +113,14 @@ def run_entry(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
                     return fn(cfg)
             except BaseException as err:
                 if interrupts.is_interrupt(err):  # the message needs the state before the handlers go
-                    raise _Stopped(interrupt_message(_signum(err)), _signum(err)) from None
+                    signum = _signum(err)
+                    requeue = interrupts.requeue_handler() if signum in interrupts.REQUEUE_SIGNALS else None
+                    raise _Stopped(interrupt_message(signum, requeued=requeue is not None), signum, requeue) from None
                 raise
     except _Stopped as stop:
         print(f"interrupted: {stop.message}", file=sys.stderr)
+        if stop.requeue is not None:  # SLURM (submitit): requeue this job, which reruns the command, then exit
+            stop.requeue()
         sys.exit(128 + (stop.signum or 15))
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once
         print(f"interrupted: stopped at once by a second Ctrl-C; the last saved checkpoint is kept; {RERUN}",
@@ -142,9 +147,9 @@ def run_entry(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
 
 
 class _Stopped(BaseException):
-    def __init__(self, message: str, signum: int | None) -> None:
+    def __init__(self, message: str, signum: int | None, requeue: Callable[..., Any] | None = None) -> None:
         super().__init__(message)
-        self.message, self.signum = message, signum
+        self.message, self.signum, self.requeue = message, signum, requeue
 
 
 def _signum(err: BaseException) -> int | None:

@@ -1,7 +1,8 @@
 """Ctrl-C, SIGINT and SIGTERM stop a run cleanly: the current step is saved, the rerun continues from it.
 
 :func:`handle_interrupts` (around each entry point's task, :func:`dmtc.cli.run_entry`) installs handlers for
-SIGINT and SIGTERM in the main process (SIGUSR1 is left to Lightning's SLURM requeue):
+SIGINT and SIGTERM in the main process, and SIGUSR1 and SIGUSR2 inside a job whose scheduler requeues on one
+of them (SLURM through submitit, ``hydra/launcher=slurm``: its handler, on USR2, is there before ours):
 
 * **while a Trainer fits** (:func:`deferred`, around ``trainer.fit``) a signal is only recorded; Lightning's
   own graceful stop (its SIGTERM handler: ``trainer.received_sigterm``, then ``SIGTERMException`` at the end
@@ -14,6 +15,12 @@ SIGINT and SIGTERM in the main process (SIGUSR1 is left to Lightning's SLURM req
 
 Either way the entry point prints one line ending in "rerun the same command to continue" and exits with
 128 + the signal number. A second Ctrl-C while stopping stops at once (the last saved checkpoint is kept).
+A requeue request (SLURM's signal before a time limit, or a preemption: submitit asks SLURM for USR2; USR1,
+Lightning's and many clusters' convention, is taken the same way) stops the same way and then hands over to the
+scheduler's own handler (:func:`requeue_handler`), which requeues the job: the requeued job reruns the same
+command and continues from the saved step. With several processes (DDP) the request goes straight to the
+scheduler's handler (the processes cannot agree on a step to stop at without a collective at every step), so
+the requeued job continues from the last validation's ``last.ckpt``.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -39,6 +46,8 @@ from dmtc.progress import StageProgress
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: a job scheduler's "save and requeue" signals (taken only where a scheduler's handler is installed)
+REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 class Interrupted(BaseException):
@@ -57,23 +66,35 @@ class _State:
     deferred: int = 0  # > 0 while a Trainer fits
     pending: int | None = None  # the first signal received
     saved: tuple[Path, int, str] | None = None  # (checkpoint, step, stage) saved on the interrupt
+    requeue: Callable[[], Any] | None = None  # calls the scheduler's requeue handler (submitit's) with its signal
 
 
 _STATE = _State()
 
 
 def signal_name(signum: int) -> str:
-    """``SIGINT (Ctrl-C)`` or ``SIGTERM``."""
+    """``SIGINT (Ctrl-C)``, ``SIGTERM`` or ``SIGUSR2 (SLURM: time limit or preemption)``."""
     name = signal.Signals(signum).name
+    if signum in REQUEUE_SIGNALS:
+        return f"{name} (SLURM: time limit or preemption)"
     return f"{name} (Ctrl-C)" if signum == signal.SIGINT else name
 
 
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _handler(signum: int, frame: FrameType | None) -> None:
-    if os.getpid() != _STATE.owner:  # a forked worker: behave as if nothing were installed
-        if signum == signal.SIGINT:
+    if os.getpid() != _STATE.owner:  # a forked DataLoader worker
+        if signum == signal.SIGINT:  # as without handlers (torch's worker loop ends on it)
             raise KeyboardInterrupt
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+        # SLURM signals every process of a job step, workers included: the main process stops (and then
+        # shuts its workers down); a worker that died now would fail the batch the main process still awaits
+        return
+    if signum in REQUEUE_SIGNALS and _STATE.requeue is not None and _world_size() > 1:
+        _STATE.requeue()  # DDP: the scheduler requeues from the last saved checkpoint
         return
     if _STATE.pending is not None:
         if signum == signal.SIGINT:  # a second Ctrl-C: stop now
@@ -109,10 +130,13 @@ def handle_interrupts() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.getsignal(s) for s in SIGNALS}
-    saved_state = (_STATE.owner, _STATE.deferred, _STATE.pending, _STATE.saved)
+    requeue = _scheduler_requeue()
+    handled = SIGNALS + (REQUEUE_SIGNALS if requeue is not None else ())
+    previous = {s: signal.getsignal(s) for s in handled}
+    saved_state = (_STATE.owner, _STATE.deferred, _STATE.pending, _STATE.saved, _STATE.requeue)
     _STATE.owner, _STATE.deferred, _STATE.pending, _STATE.saved = os.getpid(), 0, None, None
-    for s in SIGNALS:
+    _STATE.requeue = requeue
+    for s in handled:
         signal.signal(s, _handler)
     _LIGHTNING_SIGNALS.addFilter(_QUIET)
     try:
@@ -121,7 +145,7 @@ def handle_interrupts() -> Iterator[None]:
         _LIGHTNING_SIGNALS.removeFilter(_QUIET)
         for s, handler in previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-        _STATE.owner, _STATE.deferred, _STATE.pending, _STATE.saved = saved_state
+        _STATE.owner, _STATE.deferred, _STATE.pending, _STATE.saved, _STATE.requeue = saved_state
 
 
 @contextlib.contextmanager
@@ -141,6 +165,22 @@ def deferred() -> Iterator[None]:
 def pending() -> int | None:
     """The signal that asked this process to stop, if any."""
     return _STATE.pending
+
+
+def _scheduler_requeue() -> Callable[[], Any] | None:
+    """The requeue of the job scheduler that runs this process, if any: the handler installed on SIGUSR2 or
+    SIGUSR1 before ours (submitit's ``checkpoint_and_try_requeue``), called with its own signal."""
+    for signum in (signal.SIGUSR2, signal.SIGUSR1):
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            return lambda handler=handler, signum=signum: handler(signum, None)
+    return None
+
+
+def requeue_handler() -> Callable[[], Any] | None:
+    """The job scheduler's requeue found when the handlers were installed (submitit's: requeue the job, then
+    exit), if any."""
+    return _STATE.requeue
 
 
 def saved() -> tuple[Path, int, str] | None:

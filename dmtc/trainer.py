@@ -179,9 +179,10 @@ def build_trainer(
 def cluster_plugins() -> list[Any]:
     """Inside a SLURM job: Lightning's SLURM environment (ranks, nodes and addresses from SLURM) with its
     automatic requeue off. A job is requeued by one mechanism only, submitit's (``hydra/launcher=slurm``): it
-    owns the job, requeues it at USR1 whatever stage the run is in (training, labeling, between phases), and
-    the requeued job reruns the same Hydra job in the same folder, which resumes it; Lightning's would also
-    save ``hpc_ckpt_*.ckpt`` files and restore from them next to our ``last.ckpt``."""
+    owns the job, requeues it on its signal (USR2, or USR1: :mod:`dmtc.interrupts` saves the step first)
+    whatever stage the run is in (training, labeling, between phases), and the requeued job reruns the same
+    Hydra job in the same folder, which resumes it; Lightning's would also save ``hpc_ckpt_*.ckpt`` files and
+    restore from them next to our ``last.ckpt``."""
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     if not SLURMEnvironment.detect():

@@ -60,3 +60,27 @@ class TrainerProbe(L.Callback):
         record["weights"] = {k: {n: t.detach().cpu().clone() for n, t in m.state_dict().items()}
                              for k, m in pl_module.models.items()}
         RECORDS.append(record)
+
+
+class PauseAtStep(L.Callback):
+    """Hold a training process at a known step until a signal asks it to stop, so that a test can deliver the
+    signal mid-phase: at step ``step`` of a ``stage`` fit (``mutual``: a DMT phase), once per ``marker`` file
+    (not again after a restart), write ``marker`` and wait for a pending stop (:func:`dmtc.interrupts.pending`),
+    at most ``timeout`` seconds."""
+
+    def __init__(self, marker: str, step: int, stage: str = "mutual", timeout: float = 120.0) -> None:
+        self.marker, self.step, self.stage, self.timeout = Path(marker), int(step), stage, float(timeout)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:  # noqa: D102
+        import time
+
+        from dmtc import interrupts
+
+        if getattr(pl_module, "stage", None) != self.stage or trainer.global_step != self.step:
+            return
+        if self.marker.exists():
+            return
+        self.marker.write_text(str(self.step))
+        deadline = time.monotonic() + self.timeout
+        while interrupts.pending() is None and time.monotonic() < deadline:
+            time.sleep(0.05)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,55 @@ def test_a_two_task_ddp_job(slurm, tmp_path):
     assert [(r["global_rank"], r["world_size"]) for r in records] == [(0, 2), (1, 2)]
     (job,) = [p for p in _sweep_dir(tmp_path).iterdir() if (p / ".hydra").is_dir()]
     assert (job / "results.json").is_file()
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_a_preempted_dmt_job_is_requeued_and_finishes_from_its_step(slurm, tmp_path):
+    """USR1 mid-phase (SLURM's pre-timeout signal, sent by hand): the job saves its step, is requeued (once:
+    submitit's requeue, not Lightning's too), and the requeued job resumes that phase at that step and finishes
+    every phase."""
+    out, marker = tmp_path / "probe", tmp_path / "paused"
+    args = ["method=dmt", "method.phase.epochs=4", "method.phase.unlabeled_batch_size=2", PROBE,
+            f"+callbacks.probe.out={out}", "+callbacks.pause._target_=probes.PauseAtStep",
+            f"+callbacks.pause.marker={marker}", "+callbacks.pause.step=6"]
+    env = dict(slurm.env, PYTHONUNBUFFERED="1", WANDB_MODE="disabled",
+               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--multirun", *tiny_run_overrides(tmp_path),
+                             *SLURM, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        _wait_for(marker.exists, 300, "the job to reach step 6 of phase 1")
+        jobs = slurm.run("squeue", "-h", "-o", "%i").stdout.split()
+        assert len(jobs) == 1, jobs
+        assert slurm.run("scancel", "--signal=USR1", jobs[0]).returncode == 0
+        # SLURM holds a requeued job back for a while (its BeginTime, ~2 min): start it now, the test's budget
+        def pending_again() -> bool:
+            show = slurm.run("scontrol", "show", "job", jobs[0]).stdout
+            return "Restarts=1" in show and "JobState=PENDING" in show
+
+        _wait_for(pending_again, 120, "the requeued job to wait in the queue")
+        assert slurm.run("scontrol", "update", f"JobId={jobs[0]}", "StartTime=now").returncode == 0
+        output, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output[-3000:] + slurm.log()
+    sweep = _sweep_dir(tmp_path)
+    (job,) = [p for p in sweep.iterdir() if (p / ".hydra").is_dir()]
+    results = json.loads((job / "results.json").read_text())
+    assert [p["name"] for p in results["phases"]] == ["phase0_warmup", "phase1_r0.5", "phase2_r1"]
+    show = slurm.run("scontrol", "show", "job", jobs[0]).stdout
+    assert "Restarts=1" in show, show
+    logs = "\n".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.*"))
+    assert "saved to" in logs and "requeued and continues from that step" in logs
+    # the requeued process trained phase 1 from step 6 (not from its start), then phase 2
+    first = json.loads((out / "rank0_fit0.json").read_text())
+    assert (first["stage"], first["global_step"]) == ("mutual", 6)
+    assert not list(job.rglob("hpc_ckpt*.ckpt"))  # Lightning did not save (nor requeue) on its own
