@@ -19,6 +19,7 @@ from dmtc.dashboards import WandbMedia, wandb_loggers
 from dmtc.module import SegmentationModule
 from dmtc.progress import StageProgress, banner_once
 from dmtc.settings import OptimSettings, optim_settings
+from dmtc.speed import configure_cuda, resolve_precision
 
 #: dataset keys that describe the training run's schedule, not the data: not carried into checkpoints
 _SCHEDULE_KEYS = ("schedule", "schedules")
@@ -122,9 +123,12 @@ def build_trainer(
     checkpoints); ``stage`` names the stage in the progress display (:mod:`dmtc.progress`); ``overrides``
     replace ``cfg.trainer`` arguments. Lightning's start-up lines are printed once per process. A run that
     logs to W&B also gets :class:`dmtc.dashboards.WandbMedia` (per-class tables and mask overlays of
-    ``media.val_images`` val images at each validation).
+    ``media.val_images`` val images at each validation). ``trainer.precision=auto`` is resolved for the device
+    (:func:`dmtc.speed.resolve_precision`) and the CUDA flags (TF32, cuDNN autotuning) are set here, once per
+    Trainer (:func:`dmtc.speed.configure_cuda`).
     """
     banner_once()
+    configure_cuda(cfg)
     if loggers is None:
         loggers = build_loggers(cfg)
     callbacks = []
@@ -142,7 +146,9 @@ def build_trainer(
         if stage and isinstance(callback, StageProgress):
             callback.stage = stage
     kwargs: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False,
-                              "sync_batchnorm": sync_batchnorm(cfg.trainer), **cluster_plugins()}
+                              "sync_batchnorm": sync_batchnorm(cfg.trainer), **cluster_plugins(),
+                              "precision": resolve_precision(cfg.trainer.get("precision", "32-true"),
+                                                             cfg.trainer.get("accelerator", "auto"))}
     kwargs.update(overrides)
     return instantiate(cfg.trainer, **kwargs)
 

@@ -60,3 +60,22 @@ class TrainerProbe(L.Callback):
         record["weights"] = {k: {n: t.detach().cpu().clone() for n, t in m.state_dict().items()}
                              for k, m in pl_module.models.items()}
         RECORDS.append(record)
+
+
+class CompileProbe(L.Callback):
+    """Whether each forward pass of the models ran compiled: a forward hook on every model's classifier records
+    ``torch.compiler.is_compiling()`` (True inside a torch.compile'd forward, where the hook is traced and its
+    append replayed at every call; False in eager mode), under ``"train"`` or ``"val"`` by the module's mode.
+    One record per fit in :data:`RECORDS`."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        import torch
+
+        record: dict[str, list[bool]] = {"train": [], "val": []}
+
+        def hook(module: Any, inputs: Any, output: Any) -> None:
+            record["train" if module.training else "val"].append(torch.compiler.is_compiling())
+
+        for model in pl_module.models.values():
+            model.classifier.register_forward_hook(hook)
+        RECORDS.append(record)
