@@ -32,8 +32,9 @@ for tiny ones, where image decoding, PNG encoding and the read-back are a larger
 
 Stages (seconds, wall clock): forward = the loop time of each pass minus the timed sub-stages below
 (image loading, model, upsampling, softmax/argmax, quantisation, device copies); statistics = histogram
-update / confidence gathering; threshold = histogram lookup / per-class sort; write = store PNGs +
-histogram + manifest / apply thresholds + two float32 .npy per image; read-back = load + apply / load.
+update / confidence gathering; threshold = histogram lookup / per-class sort; write = histogram + manifest
+(the store's PNGs are written by background threads during the loop, their thread time printed apart) /
+apply thresholds + two float32 .npy per image; read-back = load + apply / load.
 Files are read back from the page cache in both cases (no cache dropping), and nothing is fsync'ed.
 
 Sanity check: the kept-pixel counts per class must agree within tie tolerance. The store quantises
@@ -136,13 +137,17 @@ def run_one_pass(model: nn.Module, loader: DataLoader, workdir: Path, num_classe
     timer = Timer()
     store = PseudoLabelStore(workdir / "store")
     hist = ConfidenceHistogram(num_classes)
-    # Time the real code paths by wrapping the two instance methods predict_to_store calls.
-    store.write = timer.wrap("write", store.write)  # type: ignore[method-assign]
+    # Time the real code paths by wrapping the instance methods predict_to_store calls. The PNGs are
+    # encoded and written by background threads (dmtc.dmt.store_writer), overlapping the loop: their
+    # thread time is reported apart ("background"), and the loop's wall time, waiting for the last writes
+    # included, is forward + statistics.
+    background = Timer()
+    store.write_reserved = background.wrap("write", store.write_reserved)  # type: ignore[method-assign]
     hist.update = timer.wrap("statistics", hist.update)  # type: ignore[method-assign]
     start = time.perf_counter()
     names = predict_to_store(model, loader, store, hist, "cpu")
     loop = time.perf_counter() - start
-    timer.add("forward", loop - timer.s["write"] - timer.s["statistics"])
+    timer.add("forward", loop - timer.s["statistics"])
     start = time.perf_counter()
     store.finalize({"num_classes": num_classes, "num_images": len(names)}, names=names, histogram=hist)
     timer.add("write", time.perf_counter() - start)
@@ -164,7 +169,8 @@ def run_one_pass(model: nn.Module, loader: DataLoader, workdir: Path, num_classe
     ties = hist.counts.gather(1, bins.clamp(max=hist.bins - 1).view(-1, 1)).view(-1)
     info = {"kept": torch.from_numpy(kept), "predicted": hist.predicted(), "ties": ties,
             "bytes_entries": entries / len(names),
-            "bytes_store": dir_bytes(store.directory) - entries, "thresholds": thresholds}
+            "bytes_store": dir_bytes(store.directory) - entries, "thresholds": thresholds,
+            "background_write_s": background.s.get("write", 0.0)}
     return timer.s, info
 
 
@@ -325,6 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"| {names[stage]} s | {s1.get(stage, 0.0):.3f} | {s2.get(stage, 0.0):.3f} |")
     print(f"| **total s** | **{total1:.3f}** | **{total2:.3f}** |")
     print(f"| **ratio one/two (target ≤ 0.55)** | **{total1 / total2:.3f}** | 1 |")
+    print(f"| PNG writes in background threads s (overlapping the loop; not in the total) | "
+          f"{info1['background_write_s']:.3f} | – |")
     print(f"| bytes on disk per image | {info1['bytes_entries']:.0f} | {info2['bytes_entries']:.0f} |")
     print(f"| bytes per store (histogram + manifest) | {info1['bytes_store']} | 0 |")
     print()

@@ -35,11 +35,11 @@ def predictions(cfg, ckpt: Path, key: str) -> tuple[torch.Tensor, torch.Tensor]:
     model = restored.model.eval()
     preds, labels = [], []
     with torch.no_grad():
-        for items in loader:
-            for item in items:
-                probs = predict_probs(model, item["image"].unsqueeze(0))
+        for batches in loader:  # each: batches of one image size
+            for batch in batches:
+                probs = predict_probs(model, batch["image"])
                 preds.append(probs.argmax(1).flatten())
-                labels.append(item["label"].flatten())
+                labels.append(batch["label"].flatten())
     return torch.cat(preds), torch.cat(labels)
 
 

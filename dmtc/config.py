@@ -109,7 +109,8 @@ def slurm_gpus(accelerator: Any, devices: Any) -> int | None:
     return None if str(accelerator).lower() == "cpu" else slurm_tasks(devices)
 
 #: overrides that never name a sweep's folder (where it runs, how it logs; cf. hydra.job.config.override_dirname)
-SWEEP_NAME_EXCLUDED = ("overwrite", "dataset.num_workers", "logger", "paths.", "hydra.", "hydra/")
+SWEEP_NAME_EXCLUDED = ("overwrite", "dataset.num_workers", "dataset.prefetch_factor", "logger", "paths.", "hydra.",
+                       "hydra/")
 
 
 def sweep_name(overrides: Sequence[str]) -> str:

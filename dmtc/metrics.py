@@ -15,9 +15,33 @@ from torchmetrics.classification import MulticlassJaccardIndex
 from dmtc.data.layouts import IGNORE_INDEX
 
 
+class SegmentationJaccardIndex(MulticlassJaccardIndex):
+    """torchmetrics' macro-averaged ``MulticlassJaccardIndex`` (its ``confmat`` state, ``compute``, DDP
+    reduction) with an :meth:`update` that never synchronises with the device.
+
+    torchmetrics' update checks its inputs with ``torch.unique`` (a sort of every pixel and a read-back),
+    drops ignored pixels by boolean indexing and counts with ``bincount`` (whose CUDA kernel reads the
+    maximum back): three host synchronisations per validation batch. Here ignored pixels add 0 to cell
+    (0, 0) of one accumulating scatter (``index_put_``, deterministic on CUDA), so the confusion matrix is
+    the same integers and validation never stalls the GPU. Labels outside ``[0, C)`` other than
+    ``ignore_index`` are an indexing error, not a silent count.
+    """
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        """Add N×... predicted class ids ``preds`` (or N×C×... scores: argmax over dim 1) against ``target``."""
+        if preds.is_floating_point() and preds.ndim == target.ndim + 1:
+            preds = preds.argmax(dim=1)
+        preds, target = preds.reshape(-1).long(), target.reshape(-1).long()
+        ignore = -1 if self.ignore_index is None else self.ignore_index
+        keep = target != ignore
+        cells = torch.where(keep, target * self.num_classes + preds, 0)
+        self.confmat.view(-1).index_put_((cells,), keep.long(), accumulate=True)
+
+
 def make_miou_metric(num_classes: int, ignore_index: int = IGNORE_INDEX) -> MulticlassJaccardIndex:
-    """A macro-averaged Jaccard metric whose ``confmat`` state also yields per-class IoU."""
-    return MulticlassJaccardIndex(num_classes=num_classes, ignore_index=ignore_index, average="macro")
+    """A macro-averaged Jaccard metric whose ``confmat`` state also yields per-class IoU
+    (:class:`SegmentationJaccardIndex`: no host synchronisation per update)."""
+    return SegmentationJaccardIndex(num_classes=num_classes, ignore_index=ignore_index, average="macro")
 
 
 def per_class_iou(confmat: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,15 @@ class SegmentationModule(L.LightningModule):
     Validation reports ``val/<key>/miou`` (0–100) per model and, with several models, for their ensemble
     (mean of softmaxes) as ``val/ens/miou``; ``val/miou`` is the monitored value (model ``a``).
     ``val_summaries`` keeps the last per-class results for results.json.
+
+    **Host synchronisations.** A training or validation step reads nothing back from the device: losses are
+    logged as tensors and the confusion matrix is updated on the device
+    (:class:`dmtc.metrics.SegmentationJaccardIndex`). What remains, all needed: Lightning turns the logged
+    tensors into numbers every ``trainer.log_every_n_steps`` steps (loggers, progress bar); each validation
+    copies its confusion matrices to the host once, at its end (the results); with ``16-mixed`` the loss
+    scaler reads its inf/NaN flag once per step (``bf16-mixed``, the CUDA default, has no scaler); DMTC's
+    ReCo samples from data-dependent sets (:func:`dmtc.losses.reco_sampling.sample_reco`, ~11 per model and
+    step) and its memory bank (``bank_size > 0``) selects rows by masks.
     """
 
     def __init__(

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 REPEAT_KEYS = ("sid", "seed")
 #: overrides that never change what a run computes
 IGNORED_KEYS = ("overwrite", "hydra.run.dir", "hydra.sweep.dir", "paths.log_dir", "paths.cache_dir", "paths.data_dir",
-                "paths.weights_dir", "dataset.num_workers", "logger")
+                "paths.weights_dir", "dataset.num_workers", "dataset.prefetch_factor", "logger")
 SUMMARY_FILES = ("summary.json", "summary.md", "summary.csv")
 
 

@@ -24,6 +24,7 @@ from dmtc.data.build import build_datamodule
 from dmtc.files import is_rank_zero
 from dmtc.models.inits import build_model
 from dmtc.report import supervised_results
+from dmtc.speed import prepare_models
 from dmtc.trainer import build_module, build_trainer
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def run_supervised(cfg: DictConfig) -> dict[str, Any]:
     datamodule, split = build_datamodule(cfg)
     log.info("%s split=%s sid=%s: %d labeled, %d unlabeled, %d val images", cfg.dataset.name, split.name, cfg.sid,
              len(split.labeled), len(split.unlabeled), len(split.val))
-    module = build_module(cfg, {"a": build_model(cfg)})
+    module = build_module(cfg, prepare_models(cfg, {"a": build_model(cfg)}))
     trainer = build_trainer(cfg, stage="supervised (A)")
     checkpoints = output_dir / "checkpoints"
     resume = None if overwrite else resume_checkpoint(checkpoints, what="the training")

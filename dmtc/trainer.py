@@ -23,6 +23,7 @@ from dmtc.divergence import DivergenceGuard
 from dmtc.module import SegmentationModule
 from dmtc.progress import StageProgress, banner_once
 from dmtc.settings import OptimSettings, optim_settings
+from dmtc.speed import configure_cuda, resolve_precision
 
 #: dataset keys that describe the training run's schedule, not the data: not carried into checkpoints
 _SCHEDULE_KEYS = ("schedule", "schedules")
@@ -146,10 +147,13 @@ def build_trainer(
     arguments. Lightning's start-up lines are printed once per process. A run that logs to W&B also gets
     :class:`dmtc.dashboards.WandbMedia` (per-class tables and mask overlays of ``media.val_images`` val
     images at each validation); inside a SLURM job the Trainer reads the allocation
-    (:func:`cluster_plugins`).
+    (:func:`cluster_plugins`). ``trainer.precision=auto`` is resolved for the device
+    (:func:`dmtc.speed.resolve_precision`) and the CUDA flags (TF32, cuDNN autotuning) are set here, once per
+    Trainer (:func:`dmtc.speed.configure_cuda`).
     """
     banner_once()
     quiet_resume_warnings()
+    configure_cuda(cfg)
     if loggers is None:
         loggers = build_loggers(cfg)
     callbacks = []
@@ -169,7 +173,9 @@ def build_trainer(
         if isinstance(callback, DivergenceGuard):
             callback.lr_key, callback.run_dir = lr_key, str(cfg.paths.output_dir)
     kwargs: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False,
-                              "sync_batchnorm": sync_batchnorm(cfg.trainer)}
+                              "sync_batchnorm": sync_batchnorm(cfg.trainer),
+                              "precision": resolve_precision(cfg.trainer.get("precision", "32-true"),
+                                                             cfg.trainer.get("accelerator", "auto"))}
     if not cfg.trainer.get("plugins"):
         kwargs["plugins"] = [AtomicCheckpointIO(), *cluster_plugins()]
     kwargs.update(overrides)

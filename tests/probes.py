@@ -84,3 +84,22 @@ class PauseAtStep(L.Callback):
         deadline = time.monotonic() + self.timeout
         while interrupts.pending() is None and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+class CompileProbe(L.Callback):
+    """Whether each forward pass of the models ran compiled: a forward hook on every model's classifier records
+    ``torch.compiler.is_compiling()`` (True inside a torch.compile'd forward, where the hook is traced and its
+    append replayed at every call; False in eager mode), under ``"train"`` or ``"val"`` by the module's mode.
+    One record per fit in :data:`RECORDS`."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        import torch
+
+        record: dict[str, list[bool]] = {"train": [], "val": []}
+
+        def hook(module: Any, inputs: Any, output: Any) -> None:
+            record["train" if module.training else "val"].append(torch.compiler.is_compiling())
+
+        for model in pl_module.models.values():
+            model.classifier.register_forward_hook(hook)
+        RECORDS.append(record)

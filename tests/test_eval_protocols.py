@@ -138,10 +138,11 @@ def test_cityscapes_dmt_protocol(compose_cfg, tmp_path):
 
     restored = restore(tta_cfg, ckpt)
     model, metric = restored.model.eval(), make_miou_metric(19)
-    for items in build_val_loader(restored.cfg, None, restored.inputs):
-        for item in items:
-            probs = predict_probs(model, item["image"][None], item["label"].shape, scales=[0.75, 1.0, 1.25], flip=True)
-            metric.update(probs.argmax(1), item["label"][None])
+    for batches in build_val_loader(restored.cfg, None, restored.inputs):  # each: batches of one image size
+        for batch in batches:
+            probs = predict_probs(model, batch["image"], batch["label"].shape[-2:], scales=[0.75, 1.0, 1.25],
+                                  flip=True)
+            metric.update(probs.argmax(1), batch["label"])
     assert tta["miou"] == pytest.approx(summarize(metric.confmat, restored.cfg.dataset.class_names)["miou"], abs=1e-6)
     assert tta["miou"] != pytest.approx(full["miou"], abs=1e-3)
 

@@ -181,6 +181,7 @@ def build_datamodule(
         batch_size=ds.batch_size,
         val_batch_size=ds.val_batch_size,
         num_workers=ds.num_workers,
+        prefetch_factor=ds.get("prefetch_factor"),
         train_subset=ds.train_subset,
         val_subset=ds.val_subset,
         val_layout=val_layout,

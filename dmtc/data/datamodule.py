@@ -8,12 +8,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from dmtc.data.datasets import RepeatedDataset, SegmentationDataset
 from dmtc.data.layouts import DatasetLayout
+from dmtc.data.loading import loader_options
 from dmtc.data.sharding import device_batch, eval_sampler, train_sampler
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,8 @@ class SegmentationDataModule(L.LightningDataModule):
     share from its own shard (:mod:`dmtc.data.sharding`), so steps and schedules do not depend on the device
     count; training drops the last incomplete batch (BatchNorm cannot train on a batch of one). Validation
     uses ``val_batch_size`` per device (1 when image sizes differ) and counts every image exactly once over
-    the processes.
+    the processes. Every loader pins memory for CUDA, keeps its workers and prefetches ``prefetch_factor``
+    batches per worker (:func:`dmtc.data.loading.loader_options`).
 
     ``model_labeled`` (``{key: names}``, optional) gives each model of a pair its own labeled stream for
     training: DMT's warm-up with ``pair_init=subsets`` (Feng et al., Pattern Recognition 2022, §4.3), A on
@@ -56,6 +57,7 @@ class SegmentationDataModule(L.LightningDataModule):
         train_subset: str = "train",
         val_subset: str = "val",
         persistent_workers: bool = True,
+        prefetch_factor: int | None = None,
         val_layout: DatasetLayout | None = None,
         model_labeled: Mapping[str, Sequence[str]] | None = None,
         model_train_transforms: Mapping[str, Any] | None = None,
@@ -70,6 +72,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.num_workers = int(num_workers)
         self.train_subset, self.val_subset = train_subset, val_subset
         self.persistent_workers = persistent_workers and self.num_workers > 0
+        self.prefetch_factor = prefetch_factor
         self.model_labeled: dict[str, list[str]] | None = None
         self.model_train_transforms = dict(model_train_transforms or {})
         self.phase_loader: Callable[[int, int], Any] | None = None
@@ -119,9 +122,8 @@ class SegmentationDataModule(L.LightningDataModule):
             shuffle=train and sampler is None,
             sampler=sampler,
             drop_last=train and items > batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.persistent_workers,
-            pin_memory=torch.cuda.is_available(),
+            **loader_options(self.num_workers, prefetch_factor=self.prefetch_factor,
+                             persistent=self.persistent_workers),
         )
 
     def log_batch(self, key: str, global_batch: int) -> None:

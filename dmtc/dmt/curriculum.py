@@ -34,6 +34,10 @@ class ConfidenceHistogram:
     The default bins give every stored 16-bit code its own bin: thresholds are then the exact order
     statistics of the stored scores. Coarser bins bound the threshold error by one bin. Memory: C × bins
     int64 (10 MB for 19 classes).
+
+    The counts may live on the labeling device (:meth:`to`): :meth:`update` then runs there without a host
+    synchronisation (no ``bincount``, whose CUDA kernel reads its input's maximum back, and no boolean
+    indexing). Thresholds and the store read them on the CPU.
     """
 
     def __init__(self, num_classes: int, bins: int = CODE_MAX + 1) -> None:
@@ -46,10 +50,16 @@ class ConfidenceHistogram:
         self.edges = torch.from_numpy(_DECODE.copy() if bins == CODE_MAX + 1 else code_to_score(codes))
         self._inner_edges: dict[torch.device, Tensor] = {}
 
-    def update(self, labels: Tensor, score: Tensor) -> None:
-        """Add pixels (any shape, e.g. N×H×W argmax labels and their scores); one bincount.
+    def to(self, device: torch.device | str) -> ConfidenceHistogram:
+        """Move the counts to ``device`` (in place; returns ``self``)."""
+        self.counts = self.counts.to(device)
+        return self
 
-        Labels outside ``[0, num_classes)`` (e.g. -1 or 255 for padding) are skipped.
+    def update(self, labels: Tensor, score: Tensor) -> None:
+        """Add pixels (any shape, e.g. N×H×W argmax labels and their scores): one accumulating scatter of
+        ``labels · bins + bin(score)`` into the counts, on the pixels' device.
+
+        Labels outside ``[0, num_classes)`` (e.g. -1 or 255 for padding) are skipped (they add 0).
         """
         labels = labels.reshape(-1).long()
         conf = score.reshape(-1).float()
@@ -58,9 +68,11 @@ class ConfidenceHistogram:
         if edges is None:
             edges = self._inner_edges.setdefault(conf.device, self.edges[1:].to(conf.device))
         bin_idx = torch.bucketize(conf, edges, right=True)  # number of inner edges <= conf
-        flat = (labels * self.bins + bin_idx)[keep]
-        counts = torch.bincount(flat, minlength=self.num_classes * self.bins)
-        self.counts += counts.view(self.num_classes, self.bins).to(self.counts.device)
+        flat = torch.where(keep, labels * self.bins + bin_idx, 0)
+        ones = keep.long()  # a skipped pixel adds 0 (to bin 0 of class 0)
+        if self.counts.device != flat.device:
+            flat, ones = flat.to(self.counts.device), ones.to(self.counts.device)
+        self.counts.view(-1).index_put_((flat,), ones, accumulate=True)
 
     def merge(self, other: ConfidenceHistogram) -> None:
         """Add another histogram's counts (same classes and bins)."""

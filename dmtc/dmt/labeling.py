@@ -32,10 +32,12 @@ from torch.utils.data import DataLoader, Dataset
 from dmtc.data.build import resize_options
 from dmtc.data.datasets import read_image, read_label
 from dmtc.data.layouts import IGNORE_INDEX, DatasetLayout
+from dmtc.data.loading import loader_options
 from dmtc.data.transforms import build_eval_transform
 from dmtc.dmt.curriculum import ConfidenceHistogram, apply_thresholds
 from dmtc.dmt.scores import SCORE_FORMAT, confidence_score, quantize_score
 from dmtc.dmt.store import PseudoLabelStore
+from dmtc.dmt.store_writer import BackgroundStoreWriter
 from dmtc.metrics import make_miou_metric, summarize
 from dmtc.models.deeplab import model_align_corners, upsample_logits
 from dmtc.models.inits import input_normalization
@@ -88,6 +90,7 @@ def predict_to_store(
     device: torch.device | str,
     *,
     amp: bool = False,
+    writer_threads: int | None = None,
 ) -> list[str]:
     """One forward pass per image (DMT §3): store argmax label and confidence score, fill the histogram.
 
@@ -100,38 +103,43 @@ def predict_to_store(
     :meth:`PseudoLabelStore.load` returns. Only the images the loader yields are written (each DDP rank
     its own shard); the caller all-reduces the histogram and finalizes the store. The model's
     train/eval mode is restored. Returns the names written.
+
+    The device never waits for the host: the histogram is accumulated on ``device`` (moved back to the CPU
+    at the end), and the PNGs are encoded and written by ``writer_threads`` background threads
+    (:class:`~dmtc.dmt.store_writer.BackgroundStoreWriter`, which copies each batch's maps to the host
+    asynchronously); the files are byte for byte those of a synchronous write. The per-batch host work is
+    reading ``size`` (a host tensor from the loader) and queueing the writes.
     """
     device = torch.device(device)
     was_training = model.training
     model.eval()
     written: list[str] = []
+    histogram.to(device)
     try:
-        for batch in loader:
-            images = batch["image"].to(device, non_blocking=True)
-            with torch.autocast(device_type=device.type, enabled=amp):
-                logits = model(images)["logits"]
-            height, width = images.shape[-2:]
-            if logits.shape[1] > 255:
-                raise ValueError(f"{logits.shape[1]} classes do not fit the uint8 label PNGs (max 255)")
-            logits = upsample_logits(logits.float(), (height, width), align_corners=model_align_corners(model))
-            label, score = confidence_score(logits, dim=1)
-            code, score = quantize_score(score)
-            sizes = batch.get("size")
-            if sizes is None:
-                sizes = torch.tensor([[height, width]] * images.shape[0])
-            sizes = torch.as_tensor(sizes).long().reshape(-1, 2).tolist()
-            rows = torch.arange(height, device=device).view(1, -1, 1)
-            cols = torch.arange(width, device=device).view(1, 1, -1)
-            size_t = torch.tensor(sizes, device=device)
-            inside = (rows < size_t[:, 0].view(-1, 1, 1)) & (cols < size_t[:, 1].view(-1, 1, 1))
-            histogram.update(label.masked_fill(~inside, -1), score)
-            label_np = label.to(torch.uint8).cpu().numpy()
-            code_np = code.cpu().numpy().astype(np.uint16)
-            for i, name in enumerate(batch["name"]):
-                h, w = sizes[i]
-                store.write(name, label_np[i, :h, :w], code_np[i, :h, :w])
-                written.append(name)
+        with BackgroundStoreWriter(store, threads=writer_threads) as writer:
+            for batch in loader:
+                images = batch["image"].to(device, non_blocking=True)
+                with torch.autocast(device_type=device.type, enabled=amp):
+                    logits = model(images)["logits"]
+                height, width = images.shape[-2:]
+                if logits.shape[1] > 255:
+                    raise ValueError(f"{logits.shape[1]} classes do not fit the uint8 label PNGs (max 255)")
+                logits = upsample_logits(logits.float(), (height, width), align_corners=model_align_corners(model))
+                label, score = confidence_score(logits, dim=1)
+                code, score = quantize_score(score)
+                sizes = batch.get("size")
+                if sizes is None:
+                    sizes = torch.tensor([[height, width]] * images.shape[0])
+                sizes = torch.as_tensor(sizes).long().reshape(-1, 2)
+                rows = torch.arange(height, device=device).view(1, -1, 1)
+                cols = torch.arange(width, device=device).view(1, 1, -1)
+                size_t = sizes.to(device, non_blocking=True)
+                inside = (rows < size_t[:, 0].view(-1, 1, 1)) & (cols < size_t[:, 1].view(-1, 1, 1))
+                histogram.update(label.masked_fill(~inside, -1), score)
+                writer.submit(batch["name"], label.to(torch.uint8), code, sizes.tolist())
+                written.extend(batch["name"])
     finally:
+        histogram.to("cpu")
         model.train(was_training)
     return written
 
@@ -148,12 +156,15 @@ def label_images(
     transform: Any,
     batch_size: int = 1,
     num_workers: int = 0,
+    prefetch_factor: int | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[PseudoLabelStore, ConfidenceHistogram, bool]:
     """Label ``names`` with ``model`` into a store at ``directory``; ``(store, histogram, reused)``.
 
     A store whose manifest matches ``meta`` (plus the class count and name count) is reused as it is;
     anything else there (a store interrupted mid-write, another model's labels) is cleared and rewritten.
+    Labeling runs in float32 whatever the training precision (TF32 on CUDA, :mod:`dmtc.speed`): the
+    curriculum ranks exact scores (README "Fidelity": the reference's fp16 softmax ties confident pixels).
     """
     store = PseudoLabelStore(directory)
     expected = {**dict(meta), "num_classes": int(num_classes), "num_images": len(names),
@@ -171,7 +182,7 @@ def label_images(
     _barrier()
     shard = list(names)[rank::world]
     loader = DataLoader(_LabelingDataset(layout, subset, shard, transform), batch_size=batch_size,
-                        num_workers=num_workers, pin_memory=torch.cuda.is_available())
+                        **loader_options(num_workers, prefetch_factor=prefetch_factor))
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     model.to(device)

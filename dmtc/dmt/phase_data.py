@@ -31,6 +31,7 @@ from torchvision.transforms.v2 import functional as TF
 from dmtc.data.datamodule import SegmentationDataModule
 from dmtc.data.datasets import RepeatedDataset, SegmentationDataset, read_image
 from dmtc.data.layouts import IGNORE_INDEX, DatasetLayout
+from dmtc.data.loading import loader_options
 from dmtc.data.sharding import device_batch, train_sampler
 from dmtc.dmt.curriculum import apply_thresholds
 from dmtc.dmt.scores import decode_score, score_to_confidence
@@ -101,6 +102,7 @@ def phase_loaders(
     labeled_batch_size: int,
     unlabeled_batch_size: int,
     num_workers: int = 0,
+    prefetch_factor: int | None = None,
     world_size: int = 1,
     rank: int = 0,
 ) -> dict[str, DataLoader]:
@@ -108,7 +110,7 @@ def phase_loaders(
     ``world_size``, of equal length: one epoch = one pass over the unlabeled set,
     ``len(unlabeled) // unlabeled_batch_size`` steps whatever the device count (the batch sizes are global:
     each process loads its share from its own shard, :mod:`dmtc.data.sharding`), with the labeled images
-    repeated to fill as many labeled batches."""
+    repeated to fill as many labeled batches. Loader options: :func:`dmtc.data.loading.loader_options`."""
     if len(unlabeled) < unlabeled_batch_size:
         raise ValueError(f"{len(unlabeled)} unlabeled images cannot fill one batch of {unlabeled_batch_size}")
     batches = len(unlabeled) // unlabeled_batch_size
@@ -119,8 +121,7 @@ def phase_loaders(
     for name, dataset in (("labeled", labeled_rep), ("unlabeled", unlabeled)):
         sampler = train_sampler(dataset, world_size, rank)
         loaders[name] = DataLoader(dataset, batch_size=sizes[name], sampler=sampler, shuffle=sampler is None,
-                                   drop_last=True, num_workers=num_workers, persistent_workers=num_workers > 0,
-                                   pin_memory=torch.cuda.is_available())
+                                   drop_last=True, **loader_options(num_workers, prefetch_factor=prefetch_factor))
     return loaders
 
 
@@ -153,6 +154,7 @@ def phase_loader_factory(
     labeled_batch_size: int,
     unlabeled_batch_size: int,
     num_workers: int,
+    prefetch_factor: int | None = None,
 ) -> Callable[[int, int], CombinedLoader]:
     """``make_loader(world_size, rank)`` of one DMT phase (for :meth:`SegmentationDataModule.serve_phase`).
 
@@ -164,7 +166,7 @@ def phase_loader_factory(
     (``order(names, k)``, :func:`dmtc.dmt.pair.stream_order`) and augmentation, through its own input
     pipeline."""
     sizes = {"labeled_batch_size": labeled_batch_size, "unlabeled_batch_size": unlabeled_batch_size,
-             "num_workers": num_workers}
+             "num_workers": num_workers, "prefetch_factor": prefetch_factor}
     if streams == "shared":
         pseudo = PseudoLabeledDataset(layout, unlabeled_subset, unlabeled, dict(stores), dict(thresholds),
                                       datamodule.train_transform)

@@ -66,6 +66,7 @@ from dmtc.models.inits import input_normalization
 from dmtc.module import ENSEMBLE
 from dmtc.progress import format_duration
 from dmtc.settings import contrastive_settings, optim_settings, phase_settings
+from dmtc.speed import prepare_models
 from dmtc.trainer import build_loggers, build_trainer, module_kwargs
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ def prepare_run(cfg: DictConfig, pair: PairSpec) -> Run:
     elif streams == "independent":  # each model its own order, crops and flips of the split
         datamodule.set_model_labeled({k: stream_order(split.labeled, cfg, k) for k in PAIR})
     return Run(cfg, Path(cfg.paths.output_dir), pair, norms, stacks_inputs([norms[k] for k in PAIR]), streams,
-               datamodule, split, layout, warmup, build_pair(cfg, pair), build_loggers(cfg))
+               datamodule, split, layout, warmup, prepare_models(cfg, build_pair(cfg, pair)), build_loggers(cfg))
 
 
 def stage_module(run: Run, phase: Phase) -> MutualTrainingModule:
@@ -213,7 +214,7 @@ def label_phase(run: Run, phase: Phase, prev: PhaseRecord, step: int) -> dict[st
             run.models[key], run.layout, run.split.unlabeled_subset, run.split.unlabeled, phase_dir / f"pseudo_{key}",
             meta={"model": key, "source": prev.checkpoints[key], "phase": phase.index},
             num_classes=int(ds.num_classes), transform=transform, batch_size=int(ds.val_batch_size),
-            num_workers=int(ds.num_workers),
+            num_workers=int(ds.num_workers), prefetch_factor=ds.get("prefetch_factor"),
         )
         stores[key], thresholds[key] = store, hist.thresholds(float(phase.ratio))
         quality = bool(cfg.method.pseudo_quality)
@@ -231,7 +232,7 @@ def label_phase(run: Run, phase: Phase, prev: PhaseRecord, step: int) -> dict[st
         run.datamodule, run.layout, run.split.unlabeled_subset, run.split.unlabeled, stores, thresholds,
         streams=run.streams, order=lambda names, key: stream_order(list(names), cfg, key),
         labeled_batch_size=p.labeled_batch_size, unlabeled_batch_size=p.unlabeled_batch_size,
-        num_workers=int(ds.num_workers),
+        num_workers=int(ds.num_workers), prefetch_factor=ds.get("prefetch_factor"),
     ))
     return summaries
 

@@ -83,10 +83,23 @@ def quantize_score(score: Tensor) -> tuple[Tensor, Tensor]:
     return code, decode_score(code)
 
 
+_DECODE_ON_DEVICE: dict[torch.device, Tensor] = {}
+
+
+def _decode_table(device: torch.device) -> Tensor:
+    """The decoding table on ``device``, copied there once (a copy per call would be a host sync on CUDA)."""
+    if device.type == "cpu":
+        return _DECODE_TORCH
+    table = _DECODE_ON_DEVICE.get(device)
+    if table is None:
+        table = _DECODE_ON_DEVICE.setdefault(device, _DECODE_TORCH.to(device))
+    return table
+
+
 def decode_score(code: np.ndarray | Tensor) -> np.ndarray | Tensor:
     """Score of 16-bit codes as float32 (numpy or torch, like the input), from the shared table."""
     if isinstance(code, Tensor):
-        return _DECODE_TORCH.to(code.device)[code.long()]
+        return _decode_table(code.device)[code.long()]
     return _DECODE[np.asarray(code).astype(np.int64)]
 
 

@@ -72,10 +72,9 @@ class PseudoLabelStore:
             raise DMTCError(f"OpenCV could not encode {path} (array {array.dtype} {array.shape})")
         return buf.tobytes()
 
-    def write(self, name: str, label: np.ndarray | Tensor, confidence: np.ndarray | Tensor) -> None:
-        """Store one image: ``label`` H×W class ids (0..255), ``confidence`` H×W: uint16 score codes
-        (:func:`quantize_score`) or float probabilities in [0, 1] (converted with
-        :func:`confidence_to_score`, which saturates near 1: prefer codes from :func:`confidence_score`)."""
+    def _arrays(self, name: str, label: np.ndarray | Tensor, confidence: np.ndarray | Tensor
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """The uint8 label and uint16 code arrays of one image, checked (see :meth:`write`)."""
         label_np = to_numpy(label)
         conf_np = to_numpy(confidence)
         if label_np.ndim != 2 or conf_np.shape != label_np.shape:
@@ -86,12 +85,39 @@ class PseudoLabelStore:
             label_np = label_np.astype(np.uint8)
         if conf_np.dtype != np.uint16:
             conf_np = encode_score(confidence_to_score(conf_np))
-        if not self._manifest_dropped:
-            self.manifest_path.unlink(missing_ok=True)
-            self._manifest_dropped = True
+        return label_np, conf_np
+
+    def _write_arrays(self, name: str, label_np: np.ndarray, conf_np: np.ndarray) -> None:
+        """Encode and write the two PNGs of one image, each atomically (safe from several threads at once)."""
         label_path, conf_path = self.label_path(name), self.confidence_path(name)
         atomic_write_bytes(label_path, self._encode_png(np.ascontiguousarray(label_np), label_path))
         atomic_write_bytes(conf_path, self._encode_png(np.ascontiguousarray(conf_np), conf_path))
+
+    def reserve(self, name: str) -> None:
+        """The bookkeeping of a write, in the caller's thread: check ``name``, drop an existing manifest at the
+        first write of this object (a store being rewritten is never trusted) and record the name, in order.
+        :class:`dmtc.dmt.store_writer.BackgroundStoreWriter` calls it, then writes the files from a thread
+        (:meth:`write_reserved`)."""
+        self._check_name(name)
+        if not self._manifest_dropped:
+            self.manifest_path.unlink(missing_ok=True)
+            self._manifest_dropped = True
+        self._written.append(name)
+
+    def write_reserved(self, name: str, label: np.ndarray | Tensor, confidence: np.ndarray | Tensor) -> None:
+        """The files of a write whose name :meth:`reserve` recorded (thread-safe: touches only this image's
+        two files); the same checks and bytes as :meth:`write`."""
+        self._write_arrays(name, *self._arrays(name, label, confidence))
+
+    def write(self, name: str, label: np.ndarray | Tensor, confidence: np.ndarray | Tensor) -> None:
+        """Store one image: ``label`` H×W class ids (0..255), ``confidence`` H×W: uint16 score codes
+        (:func:`quantize_score`) or float probabilities in [0, 1] (converted with
+        :func:`confidence_to_score`, which saturates near 1: prefer codes from :func:`confidence_score`)."""
+        arrays = self._arrays(name, label, confidence)
+        if not self._manifest_dropped:
+            self.manifest_path.unlink(missing_ok=True)
+            self._manifest_dropped = True
+        self._write_arrays(name, *arrays)
         self._written.append(name)
 
     @property

@@ -55,7 +55,8 @@ sorting by class, draws from float64 uniforms: inverse-CDF for classes, ``floor(
 only the exact mode loops over blocks of queries to bound memory);
 the shared mode's InfoNCE has a hand-written backward so its A×Q×M block is made once (used for τ ≥ 0.05,
 where |logit| ≤ 1/τ ≤ 20 needs no max-shift; smaller τ takes a logsumexp path). A few ``int(...)``
-reads of small tensors synchronise with a GPU once per call.
+reads of small tensors and the data-dependent selections synchronise with a GPU (~11 per call, listed in
+:func:`~dmtc.losses.reco_sampling.sample_reco`).
 """
 
 from __future__ import annotations

@@ -297,6 +297,11 @@ def sample_reco(
     Random numbers are drawn in a fixed order (anchors, negative classes, negative members) with shapes
     that do not depend on the bank's content, so an empty bank reproduces batch mode exactly.
     ``features`` must be finite everywhere (ignored pixels get weight 0 in a matmul, and 0·inf = NaN).
+
+    Host synchronisations (on CUDA, ~11 per call, i.e. per model and DMTC step; needed: the sets drawn from
+    have data-dependent sizes): the valid pixels' ``nonzero``, the label-range check, the bank's filled
+    slots' ``nonzero``, two ``bincount`` (CUDA reads the maximum back), the present classes' ``nonzero``, the
+    count of key classes (the early return), and the hard-anchor selection (boolean indexing, four times).
     """
     _check_inputs(features, labels, valid, probs)
     num_classes = probs.shape[1]

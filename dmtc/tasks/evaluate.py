@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 
 from dmtc.data.build import build_layout, pad_fill, prepare_dataset, resize_options
 from dmtc.data.datasets import SegmentationDataset
+from dmtc.data.loading import loader_options
 from dmtc.data.transforms import build_eval_transform, pad_values
 from dmtc.errors import DMTCError
 from dmtc.export import PredictionWriter
@@ -49,6 +50,7 @@ from dmtc.metrics import make_miou_metric, summarize
 from dmtc.models import model_align_corners, upsample_logits
 from dmtc.models.inits import input_normalization
 from dmtc.report import format_table
+from dmtc.speed import autocast_dtype, configure_cuda, prepare_models, uses_cuda
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,8 @@ def eval_settings(cfg: DictConfig) -> dict[str, Any]:
 def build_val_loader(cfg: DictConfig, resize: list[int] | None = None,
                      inputs: dict[str, Any] | None = None) -> DataLoader:
     """DataLoader over the dataset's validation images, resized to ``resize`` (labels nearest) if given,
-    normalised as ``inputs`` says (default: the config's ``backbone.init`` pipeline)."""
+    normalised as ``inputs`` says (default: the config's ``backbone.init`` pipeline). Each item it yields is a
+    list of batches (:func:`_same_size_batches` of ``dataset.val_batch_size`` consecutive images)."""
     prepare_dataset(cfg)
     layout = build_layout(cfg)
     ds = cfg.dataset
@@ -105,11 +108,13 @@ def build_val_loader(cfg: DictConfig, resize: list[int] | None = None,
     layout.check_files(ds.val_subset, names)
     transform = build_eval_transform(base_size=resize, **resize_options(cfg), **(inputs or input_normalization(cfg)))
     dataset = SegmentationDataset(layout, ds.val_subset, names, transform)
+    # each loader batch is a list of batches of one image size (full VOC images differ), stacked in the
+    # workers and pinned by the loader (loader_options), so the copies to a GPU are asynchronous
     return DataLoader(
         dataset,
         batch_size=int(ds.val_batch_size),
-        num_workers=int(ds.num_workers),
-        collate_fn=list,  # items are stacked per image size (full VOC images differ): _same_size_batches
+        collate_fn=_same_size_batches,
+        **loader_options(int(ds.num_workers), prefetch_factor=ds.get("prefetch_factor")),
     )
 
 
@@ -134,12 +139,15 @@ def _same_size_batches(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _device_and_autocast(cfg: DictConfig) -> tuple[torch.device, Any]:
-    accelerator = str(cfg.trainer.get("accelerator", "auto"))
-    use_cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
-    device = torch.device("cuda" if use_cuda else "cpu")
+    """The evaluation device (CUDA when the run's accelerator allows it) and a context factory: autocast for
+    ``precision=16-mixed|bf16-mixed``, else a no-op. ``auto`` (the default of ``dataset=city|voc``, which
+    trains under bf16 AMP on a GPU) evaluates in float32 (TF32 on CUDA): reported mIoUs do not depend on
+    AMP's rounding of near-tie logits."""
+    accelerator = cfg.trainer.get("accelerator", "auto")
+    device = torch.device("cuda" if uses_cuda(accelerator) else "cpu")
     precision = str(cfg.trainer.get("precision", "32-true"))
-    dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision)
-    if dtype is None or (dtype is torch.float16 and not use_cuda):
+    dtype = autocast_dtype("32-true" if precision == "auto" else precision, device)
+    if dtype is None:
         return device, contextlib.nullcontext
     return device, lambda: torch.autocast(device.type, dtype=dtype)
 
@@ -160,7 +168,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         writer = PredictionWriter(settings["export_dir"], cityscapes=cfg.dataset.get("label_map") == "cityscapes",
                                   num_classes=int(cfg.dataset.num_classes))
     fill = pad_values(**restored.inputs, pad_fill=pad_fill(cfg))  # VOC's 505×505 and sliding-window padding
+    configure_cuda(cfg)
     device, autocast = _device_and_autocast(cfg)
+    model = prepare_models(cfg, {"model": model})["model"]  # channels_last on CUDA, model.compile
     model.to(device).eval()
     metric = make_miou_metric(int(cfg.dataset.num_classes)).to(device)
     log.info("evaluating %d images, protocol %s (input %s, pad %s, scales %s, flip %s, %s)", len(loader.dataset),
@@ -168,9 +178,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
              settings["flip"], f"sliding window {settings['window']} stride {settings['stride']}"
              if settings["mode"] == "slide" else "whole image")
     with torch.no_grad():
-        for batch in (b for items in loader for b in _same_size_batches(items)):
-            images = batch["image"].to(device)
-            labels = batch["label"].to(device)
+        for batch in (b for batches in loader for b in batches):
+            images = batch["image"].to(device, non_blocking=True)
+            labels = batch["label"].to(device, non_blocking=True)
             with autocast():
                 probs = predict_probs(model, images, labels.shape[-2:], scales=settings["scales"],
                                       flip=settings["flip"], pad_to=settings["pad_to"], window=settings["window"],

@@ -14,6 +14,7 @@ from dmtc.dmt.labeling import label_images, labeling_transform, pseudo_label_sum
 from dmtc.errors import DMTCError
 from dmtc.files import write_json
 from dmtc.from_checkpoint import restore
+from dmtc.speed import configure_cuda, prepare_models
 
 
 def pseudo_label(cfg: DictConfig) -> dict[str, Any]:
@@ -31,6 +32,8 @@ def pseudo_label(cfg: DictConfig) -> dict[str, Any]:
     # architecture, input pipeline and (where recorded) dataset, split and sid come from the checkpoint
     restored = restore(cfg, ckpt, cfg.get("model_key"))
     cfg, model = restored.cfg, restored.model
+    configure_cuda(cfg)
+    model = prepare_models(cfg, {"model": model})["model"]  # channels_last on CUDA, model.compile
     prepare_dataset(cfg)
     layout = build_layout(cfg)
     split = resolve_split(cfg, layout)
@@ -53,6 +56,7 @@ def pseudo_label(cfg: DictConfig) -> dict[str, Any]:
         meta={"checkpoint": str(ckpt.resolve()), "model_key": cfg.get("model_key")},
         num_classes=int(ds.num_classes), transform=labeling_transform(cfg, restored.inputs),
         batch_size=int(ds.val_batch_size), num_workers=int(ds.num_workers),
+        prefetch_factor=ds.get("prefetch_factor"),
     )
     thresholds = hist.thresholds(ratio)
     summary = {
