@@ -154,18 +154,12 @@ class PinSweepFolder(Callback):
 
 def register_resolvers() -> None:
     """Register dmtc's resolvers (idempotent)."""
-    if not OmegaConf.has_resolver("dmtc_run_name"):
-        OmegaConf.register_new_resolver("dmtc_run_name", run_name)
-    if not OmegaConf.has_resolver("dmtc_checkpoint_folder"):
-        OmegaConf.register_new_resolver("dmtc_checkpoint_folder", checkpoint_folder)
-    if not OmegaConf.has_resolver("dmtc_synthetic_dir"):
-        OmegaConf.register_new_resolver("dmtc_synthetic_dir", synthetic_dir)
-    if not OmegaConf.has_resolver("dmtc_sweep_name"):
-        OmegaConf.register_new_resolver("dmtc_sweep_name", sweep_name)
-    if not OmegaConf.has_resolver("dmtc_slurm_tasks"):
-        OmegaConf.register_new_resolver("dmtc_slurm_tasks", slurm_tasks)
-    if not OmegaConf.has_resolver("dmtc_slurm_gpus"):
-        OmegaConf.register_new_resolver("dmtc_slurm_gpus", slurm_gpus)
+    resolvers = {"dmtc_run_name": run_name, "dmtc_checkpoint_folder": checkpoint_folder,
+                 "dmtc_synthetic_dir": synthetic_dir, "dmtc_sweep_name": sweep_name,
+                 "dmtc_slurm_tasks": slurm_tasks, "dmtc_slurm_gpus": slurm_gpus}
+    for name, resolver in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
 
 
 register_resolvers()

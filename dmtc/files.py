@@ -22,13 +22,18 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dmtc.errors import output_error
+
+try:  # POSIX only; elsewhere concurrent builders rely on atomic renames alone
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
 
 MANIFEST = "manifest.json"
 RESULTS = "results.json"
@@ -144,3 +149,20 @@ def read_manifest(directory: str | os.PathLike[str], expected: Mapping[str, Any]
     if any(key not in manifest or manifest[key] != value for key, value in want.items()):
         return None
     return manifest
+
+
+@contextlib.contextmanager
+def sibling_lock(root: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the hidden sibling file ``.<root name>.lock`` while building ``root`` (POSIX
+    ``flock``; the kernel drops it with its process): processes that build the same folder at once (DDP ranks,
+    SLURM tasks, two jobs) take turns, and the later ones find it complete."""
+    if fcntl is None:
+        yield
+        return
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -158,3 +158,31 @@ def test_read_only_root_and_worker_pool(compose_cfg, city_root, tmp_path):
     finally:
         for path, mode in modes.items():
             path.chmod(mode)
+
+
+def test_builders_at_once_take_turns(compose_cfg, city_root, tmp_path, caplog):
+    """Two builders of one cache at the same time (DDP ranks or SLURM tasks starting together): one builds it,
+    the other waits on the lock and finds it complete."""
+    import logging
+    import threading
+
+    cfg = compose_cfg(overrides=overrides(city_root))
+    layout = build_layout(cfg)
+    names = {"val": build_datamodule(cfg)[1].val}
+    errors: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            build_resized_cache(layout, names, BASE, tmp_path / "shared", processes=1)
+        except BaseException as err:  # noqa: BLE001 (reported below)
+            errors.append(err)
+
+    with caplog.at_level(logging.INFO, logger="dmtc.data.resized_cache"):
+        threads = [threading.Thread(target=build) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    assert not errors and names["val"]
+    assert sum("is complete" in r.getMessage() for r in caplog.records) == 1
+    assert json.loads((tmp_path / "shared" / MANIFEST).read_text())["count"] == len(names["val"])

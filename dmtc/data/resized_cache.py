@@ -41,7 +41,7 @@ from torchvision.transforms import v2
 from dmtc.data.datasets import read_image, read_label
 from dmtc.data.layouts import DatasetLayout
 from dmtc.errors import DMTCError
-from dmtc.files import atomic_write_bytes, read_manifest, write_manifest
+from dmtc.files import atomic_write_bytes, read_manifest, sibling_lock, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +150,16 @@ def build_resized_cache(
 ) -> DatasetLayout:
     """Make sure the cache at ``root`` holds every ``names[subset]`` sample of ``layout`` resized to
     ``size`` (H, W); build what is missing or stale with ``processes`` worker processes (≤ 1: in this
-    process) and return the cached layout. Labels are cached where the source label exists."""
+    process) and return the cached layout. Labels are cached where the source label exists. Processes that
+    build the same cache at once (DDP ranks, SLURM tasks) take turns on a lock: the first builds it, the
+    others find it complete."""
     root = Path(root)
+    with sibling_lock(root):
+        return _build(layout, names, size, root, processes=processes, antialias=antialias)
+
+
+def _build(layout: DatasetLayout, names: Mapping[str, Iterable[str]], size: Sequence[int], root: Path, *,
+           processes: int, antialias: bool) -> DatasetLayout:
     size = (int(size[0]), int(size[1]))
     target = cached_layout(layout, root)
     wanted = {subset: sorted(set(subset_names)) for subset, subset_names in names.items()}

@@ -16,7 +16,6 @@ import os
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -33,12 +32,7 @@ from dmtc.data.synthetic_scenes import (
     render_sample,
 )
 from dmtc.errors import DMTCError
-from dmtc.files import MANIFEST, read_json, write_manifest
-
-try:  # POSIX only; elsewhere generation relies on the atomic rename alone.
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
+from dmtc.files import MANIFEST, read_json, sibling_lock, write_manifest
 
 __all__ = [
     "FORMAT_VERSION",
@@ -143,20 +137,6 @@ def _check_replaceable(root: Path) -> None:
                         "pick another dataset root")
 
 
-@contextlib.contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the hidden sibling file ``.<root name>.lock`` (POSIX only)."""
-    if fcntl is None:
-        yield
-        return
-    with open(root.parent / f".{root.name}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _temp_sibling(root: Path) -> Path:
     """A fresh hidden sibling of ``root`` named after this host and process (see :func:`_is_stale`)."""
     return root.parent / f".{root.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -209,7 +189,7 @@ def generate_synthetic(root: str | Path, spec: SyntheticSpec = DEFAULT_SPEC, *, 
         total = spec.num_train + spec.num_val
         workers = min(2, os.cpu_count() or 1) if total >= 64 else 1
 
-    with _locked(root):
+    with sibling_lock(root):
         if _matches(root, expected):  # another process finished while we waited
             return root
         if root.exists():
