@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dmtc.errors import DMTCError
+from dmtc.files import atomic_write_text
 
 DMT_SEED = 7777
 NUM_SPLIT_IDS = 3
@@ -163,9 +164,6 @@ def read_list(path: Path) -> list[str]:
 
 
 def write_list(path: Path, names: Sequence[str]) -> None:
-    """Write a name list atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{name}\n" for name in names))
-    tmp.replace(path)
+    """Write a name list atomically (a temporary sibling of its own, then a rename: processes that write the
+    same list at once, e.g. the tasks of a DDP job, each rename a complete file)."""
+    atomic_write_text(path, "".join(f"{name}\n" for name in names))
