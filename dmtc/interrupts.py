@@ -87,11 +87,13 @@ def _world_size() -> int:
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
-    if os.getpid() != _STATE.owner:  # a forked DataLoader worker
+    if os.getpid() != _STATE.owner:  # a forked worker (DataLoader, multiprocessing pool)
+        if signum in REQUEUE_SIGNALS:  # SLURM signals every process of a job step: the main process requeues
+            return
         if signum == signal.SIGINT:  # as without handlers (torch's worker loop ends on it)
             raise KeyboardInterrupt
-        # SLURM signals every process of a job step, workers included: the main process stops (and then
-        # shuts its workers down); a worker that died now would fail the batch the main process still awaits
+        signal.signal(signum, signal.SIG_DFL)  # SIGTERM: die, as without handlers (Pool.terminate sends it)
+        os.kill(os.getpid(), signum)
         return
     if signum in REQUEUE_SIGNALS and _STATE.requeue is not None and _world_size() > 1:
         _STATE.requeue()  # DDP: the scheduler requeues from the last saved checkpoint

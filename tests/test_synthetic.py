@@ -242,3 +242,18 @@ def test_dataset_root_names_the_spec():
         names = [Path(compose("train", overrides=o).dataset.root).name for o in cases]
     assert names[0] == names[1] == "seed0" and names[3] == "seed3"
     assert names[2].startswith("seed0-") and names[4].startswith("seed3-") and names[2][6:] == names[4][6:]
+
+
+def test_pooled_generation_ends_under_the_entry_points_signal_handlers(tmp_path):
+    """Sets of 64+ images are rendered by a fork pool, whose end sends SIGTERM to its workers: under the
+    handlers every entry point installs (dmtc.interrupts) the workers must still die, or the pool waits
+    forever (the default `python train.py` hung so)."""
+    code = (
+        "from dmtc import interrupts\n"
+        "from dmtc.data.synthetic import SyntheticSpec, generate_synthetic\n"
+        "with interrupts.handle_interrupts():\n"
+        f"    generate_synthetic({str(tmp_path / 'seed0')!r}, SyntheticSpec(image_size=32, num_train=56, num_val=8))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list((tmp_path / "seed0" / "images" / "train").glob("*.png"))) == 56
