@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from dmtc.errors import DMTCError, output_error
-from dmtc.files import fsync_dir, is_rank_zero, remove_temporaries, temp_sibling
+from dmtc.errors import DMTCError
+from dmtc.files import atomic_file, is_rank_zero, remove_temporaries, temp_sibling
 
 log = logging.getLogger(__name__)
 
@@ -68,25 +68,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(path)
-        tmp = temp_sibling(path)
         if path.name == LAST:  # room for the new file: the generation before the current one goes
             path.with_name(PREVIOUS).unlink(missing_ok=True)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "xb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            if path.name == LAST:
-                _keep_previous(path)
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
-        except BaseException as err:
-            tmp.unlink(missing_ok=True)
-            failed = output_error(path, err)
-            if failed is not None and failed is not err:
-                raise failed from err
-            raise
+        keep = (lambda: _keep_previous(path)) if path.name == LAST else None
+        with atomic_file(path, durable=True, before_replace=keep) as f:
+            torch.save(checkpoint, f)
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
                         ) -> dict[str, Any]:

@@ -22,9 +22,9 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -88,21 +88,26 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bool = False) -> Path:
-    """Write ``data`` to ``path`` through a temporary sibling and a rename: a reader sees the old file or the
-    new one, never a partial one. ``durable``: the data and the rename are fsynced before returning (a crash
-    of the machine keeps the old or the new file, not an empty one). On failure the temporary file is
-    removed (a full disk leaves the old file, never a truncated one); a full disk, quota, file-size limit
-    or missing permission raises :class:`dmtc.errors.OutputError` naming ``path``."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str], *, durable: bool = False,
+                before_replace: Callable[[], None] | None = None) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through: a temporary sibling renamed onto ``path`` when the block ends, so
+    a reader sees the old file or the new one, never a partial one. ``durable``: the data and the rename are
+    fsynced (a crash of the machine keeps the old or the new file, not an empty one); ``before_replace`` runs
+    just before the rename. On failure the temporary file is removed (a full disk leaves the old file, never
+    a truncated one); a full disk, quota, file-size limit or missing permission raises
+    :class:`dmtc.errors.OutputError` naming ``path``."""
     path = Path(path)
     tmp = temp_sibling(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "xb") as f:
-            f.write(data)
+            yield f
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
         if durable:
             fsync_dir(path.parent)
@@ -112,7 +117,13 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bo
         if failed is not None and failed is not err:
             raise failed from err
         raise
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_file`; ``durable`` as there)."""
+    with atomic_file(path, durable=durable) as f:
+        f.write(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, *, durable: bool = False) -> Path:
