@@ -98,7 +98,7 @@ from dmtc.dmt.mutual import MutualTrainingModule
 from dmtc.dmt.pair import build_pair
 from dmtc.dmt.store import PseudoLabelStore
 from dmtc.inference import predict_probs
-from dmtc.metrics import make_miou_metric
+from dmtc.metrics import make_miou_metric, predicted_class
 from dmtc.settings import contrastive_settings, optim_settings, phase_settings
 from dmtc.speed import prepare_models
 from dmtc.trainer import build_trainer, module_kwargs
@@ -435,7 +435,7 @@ def evaluate_batch(model: torch.nn.Module, metric: Any, images: torch.Tensor, la
     """What evaluate.py does per batch: probabilities (autocast when ``dtype``), argmax, metric update."""
     with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         probs = predict_probs(model, images, labels.shape[-2:], flip=flip)
-    metric.update(probs.argmax(1), labels)
+    metric.update(predicted_class(probs), labels)
 
 
 def evaluation_rows(setup: Setup, device: torch.device, model: torch.nn.Module) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ from omegaconf import open_dict
 import dmtc.config  # noqa: F401  (resolvers)
 from dmtc.from_checkpoint import restore
 from dmtc.inference import predict_probs
+from dmtc.metrics import predicted_class
 from dmtc.tasks.evaluate import build_val_loader
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ def predictions(cfg, ckpt: Path, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         for batches in loader:  # each: batches of one image size
             for batch in batches:
                 probs = predict_probs(model, batch["image"])
-                preds.append(probs.argmax(1).flatten())
+                preds.append(predicted_class(probs).flatten())
                 labels.append(batch["label"].flatten())
     return torch.cat(preds), torch.cat(labels)
 

@@ -30,6 +30,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 
 from dmtc.data.datasets import read_image
 from dmtc.data.layouts import IGNORE_INDEX, DatasetLayout
+from dmtc.metrics import predicted_class
 
 
 def wandb_loggers(loggers: Sequence[Logger]) -> list[Logger]:
@@ -143,7 +144,7 @@ class WandbMedia(Callback):
             gt = label.numpy().astype(np.uint8)
             image = shown_image(dataset.layout, dataset.subset, item["name"], gt.shape)
             for key, p in probs.items():
-                pred = p.argmax(1)[0].cpu().numpy().astype(np.uint8)
+                pred = predicted_class(p)[0].cpu().numpy().astype(np.uint8)
                 shown.setdefault(f"val/{key}/examples", []).append(overlay(
                     image, {"ground_truth": gt, "prediction": pred},
                     {"ground_truth": legend, "prediction": legend}, f"{item['name']} ({key})", self.max_side))

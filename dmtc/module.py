@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmtc.data.layouts import IGNORE_INDEX
-from dmtc.metrics import make_miou_metric, summarize
+from dmtc.metrics import make_miou_metric, predicted_class, summarize
 from dmtc.models.deeplab import model_align_corners, upsample_logits
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ class SegmentationModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:  # noqa: D102
         images, labels = batch["image"], batch["label"]
         for key, probs in self.predict_probs(images, labels.shape[-2:]).items():
-            self.val_metrics[key].update(probs.argmax(1), labels)
+            self.val_metrics[key].update(predicted_class(probs), labels)
 
     def on_validation_epoch_end(self) -> None:  # noqa: D102
         # Under DDP the confusion matrix is summed over the processes (each val image is on exactly one:

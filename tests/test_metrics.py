@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from dmtc.metrics import make_miou_metric, per_class_iou, summarize
+from dmtc.metrics import make_miou_metric, per_class_iou, predicted_class, summarize
 
 
 def test_miou_matches_hand_computed_confusion_matrix():
@@ -38,3 +38,14 @@ def _confmat(pred, target, num_classes):
     metric = make_miou_metric(num_classes)
     metric.update(pred, target)
     return metric.confmat
+
+
+def test_predicted_class_is_argmax_with_its_first_maximum_on_ties():
+    g = torch.Generator().manual_seed(0)
+    scores = (torch.rand(3, 5, 9, 11, generator=g) * 3).round()  # values in {0..3}: many ties
+    scores[0, :, 0, 0] = 1.0  # all classes tie: class 0
+    scores[1, 2, 1, 1] = float("nan")  # NaN counts as the maximum, as in argmax
+    for s in (scores, scores.to(torch.bfloat16), scores.contiguous(memory_format=torch.channels_last)):
+        assert torch.equal(predicted_class(s), s.argmax(1))
+    assert predicted_class(scores)[0, 0, 0] == 0 and predicted_class(scores)[1, 1, 1] == 2
+    assert torch.equal(predicted_class(scores[0], dim=0), scores[0].argmax(0))

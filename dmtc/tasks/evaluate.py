@@ -46,7 +46,7 @@ from dmtc.export import PredictionWriter
 from dmtc.files import RESULTS, write_json
 from dmtc.from_checkpoint import restore
 from dmtc.inference import predict_probs
-from dmtc.metrics import make_miou_metric, summarize
+from dmtc.metrics import make_miou_metric, predicted_class, summarize
 from dmtc.models import model_align_corners, upsample_logits
 from dmtc.models.inits import input_normalization
 from dmtc.report import format_table
@@ -185,14 +185,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 probs = predict_probs(model, images, labels.shape[-2:], scales=settings["scales"],
                                       flip=settings["flip"], pad_to=settings["pad_to"], window=settings["window"],
                                       stride=settings["stride"], pad_value=fill)
-            metric.update(probs.argmax(1), labels)
+            metric.update(predicted_class(probs), labels)
             if writer is not None:
                 for i, name in enumerate(batch["name"]):
                     size = tuple(int(s) for s in batch["size"][i])
                     p = probs[i : i + 1]
                     if tuple(p.shape[-2:]) != size:  # dmt protocol: back to the original image size
                         p = upsample_logits(p, size, align_corners=model_align_corners(model))
-                    writer.write(name, p[0].argmax(0).cpu().numpy())
+                    writer.write(name, predicted_class(p[0], dim=0).cpu().numpy())
     summary = summarize(metric.confmat.detach().cpu(), list(cfg.dataset.class_names))
     results = {
         "task": "evaluate",
