@@ -353,6 +353,33 @@ def test_low_precision_features_give_float32_loss_and_matching_grad_dtype():
     assert grad.dtype == torch.bfloat16 and torch.isfinite(grad).all()
 
 
+def test_loss_under_autocast_is_float32_and_equals_the_float32_loss():
+    # bf16-mixed training: the projection head's features arrive in bf16 and autocast is active around the
+    # loss. Prototypes, similarities and the InfoNCE sum must stay float32 (a bf16 prototype met a float32
+    # query in one bmm and DMTC under AMP crashed).
+    features, labels, valid, probs = make_batch(seed=17)
+    half = features.detach().to(torch.bfloat16).requires_grad_(True)
+    kwargs = {"num_queries": 8, "num_negatives": 8}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = reco_loss(half, labels, valid, probs.to(torch.bfloat16), generator=gen(0), **kwargs)
+    ref = reco_loss(half.detach().float(), labels, valid, probs.to(torch.bfloat16).float(), generator=gen(0),
+                    **kwargs)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref)
+    (grad,) = torch.autograd.grad(loss, half)
+    assert grad.dtype == torch.bfloat16 and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_gradient_of_channels_last_features_equals_the_contiguous_one():
+    features, labels, valid, probs = make_batch(seed=18)
+    nhwc = features.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    grads = []
+    for f in (features, nhwc):
+        sample = sample_reco(f, labels, valid, probs, num_queries=6, num_negatives=5, generator=gen(4))
+        grads.append(torch.autograd.grad(reco_loss_from_sample(f, sample, 0.5), f)[0])
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_downsample_nearest_picks_one_source_pixel_for_all_three():
     n, num_classes, big_h, big_w = 2, 3, 12, 20
     labels = torch.randint(0, num_classes, (n, big_h, big_w))
