@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.transforms import v2
 
 from dmtc.data.datamodule import SegmentationDataModule
+from dmtc.data.datasets import keep_decoded_in_memory
 from dmtc.data.layouts import DatasetLayout
 from dmtc.data.split_resolver import Split, resolve_split
 from dmtc.data.transforms import PAD_FILLS, build_eval_transform, build_train_transform, stack_model_inputs
@@ -33,7 +34,9 @@ from dmtc.models.inits import input_normalization
 
 
 def prepare_dataset(cfg: DictConfig) -> None:
-    """Create generated datasets (the embedded synthetic set) on first use; real datasets are left alone."""
+    """Create generated datasets (the embedded synthetic set) on first use (real datasets are left alone), and
+    size this process's cache of decoded files (``dataset.ram_cache_mb``, :func:`keep_decoded_in_memory`)."""
+    keep_decoded_in_memory(cfg.dataset.get("ram_cache_mb"))
     generate = cfg.dataset.get("generate")
     if generate is None:
         return
