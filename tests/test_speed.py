@@ -3,6 +3,8 @@ and the host-sync-free metric and histogram updates, on this CPU machine (the CU
 torch.cuda.is_available() and measured by benchmarks/gpu_check.py)."""
 
 
+from pathlib import Path
+
 import probes
 import pytest
 import torch
@@ -90,6 +92,19 @@ def test_a_short_run_with_compile_trains_validates_and_checkpoints(compose_cfg, 
     assert state and not any("_orig_mod" in k for k in state)
     fresh = deeplab_v2(int(cfg.dataset.num_classes), backbone="resnet_tiny")
     fresh.load_state_dict({k[len("models.a."):]: v for k, v in state.items() if k.startswith("models.a.")})
+
+
+def test_dmtc_trains_under_bf16_mixed_precision(compose_cfg):
+    """DMTC end to end under autocast (bf16 autocast runs on CPUs too; 16-mixed is the same autocast path
+    on CUDA): warm-up and phases with ReCo and the memory bank, whose prototypes and similarities must stay
+    float32 (a bf16 prototype met a float32 query in one bmm and every AMP run of DMTC crashed)."""
+    cfg = compose_cfg(overrides=["method=dmtc", "precision=bf16-mixed", "method.contrastive.bank_size=16"])
+    results = train(cfg)
+    assert [p["name"] for p in results["phases"]] == ["phase0_warmup", "phase1_r0.5", "phase2_r1"]
+    for phase in results["phases"]:
+        assert all(0 <= phase["val"][k]["miou"] <= 100 for k in ("a", "b", "ens"))
+    metrics = (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").read_text()
+    assert "train/a/contrastive" in metrics and "nan" not in metrics.lower()
 
 
 def test_loader_options_pin_for_cuda_and_prefetch_only_with_workers():
