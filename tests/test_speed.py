@@ -157,6 +157,26 @@ def test_histogram_update_equals_a_bincount_and_moves_between_devices():
     assert hist.to("cpu") is hist and hist.counts.device.type == "cpu"
 
 
+def test_histogram_of_codes_equals_the_histogram_of_their_decoded_scores():
+    from dmtc.dmt.scores import CODE_MAX, decode_score, quantize_score
+
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(-1, 6, (3, 50, 60), generator=g)
+    scores = torch.cat([torch.rand(4000, generator=g) * 1e-3, torch.rand(4000, generator=g) * 40,
+                        torch.rand(1000, generator=g) * 2000]).view(labels.shape)  # past SCORE_MAX too
+    code, score_q = quantize_score(scores)
+    by_score, by_code = ConfidenceHistogram(5), ConfidenceHistogram(5)
+    by_score.update(labels, score_q)
+    by_code.update_codes(labels, code)
+    assert torch.equal(by_score.counts, by_code.counts) and by_code.counts.sum() == ((labels >= 0) & (labels < 5)).sum()
+    every = torch.arange(CODE_MAX + 1, dtype=torch.int32)  # each code's decoded score lands in its own bin
+    one_class = ConfidenceHistogram(1)
+    one_class.update(torch.zeros_like(every), decode_score(every))
+    assert torch.equal(one_class.counts[0], torch.ones(CODE_MAX + 1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="one bin per code"):
+        ConfidenceHistogram(5, bins=64).update_codes(labels, code)
+
+
 def test_no_host_sync_in_the_metric_histogram_and_score_decoding():
     """Run the per-batch updates under CUDA's sync debug mode where a GPU exists (an error on any host
     synchronisation); on a CPU machine the same code runs and must give the same counts."""

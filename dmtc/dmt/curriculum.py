@@ -61,13 +61,25 @@ class ConfidenceHistogram:
 
         Labels outside ``[0, num_classes)`` (e.g. -1 or 255 for padding) are skipped (they add 0).
         """
-        labels = labels.reshape(-1).long()
         conf = score.reshape(-1).float()
-        keep = (labels >= 0) & (labels < self.num_classes)
         edges = self._inner_edges.get(conf.device)
         if edges is None:
             edges = self._inner_edges.setdefault(conf.device, self.edges[1:].to(conf.device))
-        bin_idx = torch.bucketize(conf, edges, right=True)  # number of inner edges <= conf
+        self._add(labels, torch.bucketize(conf, edges, right=True))  # bin = number of inner edges <= conf
+
+    def update_codes(self, labels: Tensor, codes: Tensor) -> None:
+        """:meth:`update` for pixels whose scores are the store's 16-bit codes (``quantize_score``'s ``code``):
+        with one bin per code (the default ``bins``) a code is its bin, so the search over the bin edges is
+        skipped; the counts are those :meth:`update` gives for the decoded scores (the decoding table is
+        strictly increasing)."""
+        if self.bins != CODE_MAX + 1:
+            raise ValueError(f"update_codes needs one bin per code ({CODE_MAX + 1} bins), this histogram has "
+                             f"{self.bins}: use update() with the decoded scores")
+        self._add(labels, codes.reshape(-1).long())
+
+    def _add(self, labels: Tensor, bin_idx: Tensor) -> None:
+        labels = labels.reshape(-1).long()
+        keep = (labels >= 0) & (labels < self.num_classes)
         flat = torch.where(keep, labels * self.bins + bin_idx, 0)
         ones = keep.long()  # a skipped pixel adds 0 (to bin 0 of class 0)
         if self.counts.device != flat.device:

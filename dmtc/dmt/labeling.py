@@ -35,7 +35,7 @@ from dmtc.data.layouts import IGNORE_INDEX, DatasetLayout
 from dmtc.data.loading import loader_options
 from dmtc.data.transforms import build_eval_transform
 from dmtc.dmt.curriculum import ConfidenceHistogram, apply_thresholds
-from dmtc.dmt.scores import SCORE_FORMAT, confidence_score, quantize_score
+from dmtc.dmt.scores import CODE_MAX, SCORE_FORMAT, confidence_score, quantize_score
 from dmtc.dmt.store import PseudoLabelStore
 from dmtc.dmt.store_writer import BackgroundStoreWriter
 from dmtc.metrics import make_miou_metric, summarize
@@ -135,7 +135,11 @@ def predict_to_store(
                 cols = torch.arange(width, device=device).view(1, 1, -1)
                 size_t = sizes.to(device, non_blocking=True)
                 inside = (rows < size_t[:, 0].view(-1, 1, 1)) & (cols < size_t[:, 1].view(-1, 1, 1))
-                histogram.update(label.masked_fill(~inside, -1), score)
+                label_in = label.masked_fill(~inside, -1)
+                if histogram.bins == CODE_MAX + 1:
+                    histogram.update_codes(label_in, code)  # = update(label_in, score), without the bin search
+                else:
+                    histogram.update(label_in, score)
                 writer.submit(batch["name"], label.to(torch.uint8), code, sizes.tolist())
                 written.extend(batch["name"])
     finally:
