@@ -90,9 +90,9 @@ MUTATIONS = [
     Mutation("checkpoint_inputs_dropped", "evaluation normalises with the config's init, not the checkpoint's",
              "dmtc/from_checkpoint.py", 'inputs = dict(arch.get("inputs") or {})', "inputs = {}"),
     # crash safety (issue 15)
-    Mutation("checkpoint_in_place", "checkpoints written in place (a failed save leaves a truncated file)",
-             "dmtc/checkpoint_io.py", "        tmp = temp_sibling(path)\n        if path.name == LAST:",
-             "        tmp = path\n        if path.name == LAST:"),
+    Mutation("checkpoint_in_place", "checkpoints (and every atomic write) written in place: a failed save "
+             "leaves a truncated file or none", "dmtc/files.py", '        with open(tmp, "xb") as f:',
+             '        tmp = path\n        with open(tmp, "wb") as f:'),
     Mutation("resume_trusts_any_file", "a resume takes last.ckpt without checking it can be read",
              "dmtc/checkpoint_io.py", "        problem = checkpoint_problem(path)\n", "        problem = None\n"),
     Mutation("divergence_unchecked", "non-finite losses and gradients are never reported", "dmtc/divergence.py",
