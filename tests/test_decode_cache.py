@@ -1,6 +1,7 @@
 """The in-memory cache of decoded images and labels (dataset.ram_cache_mb): same arrays, never stale."""
 
 import os
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -54,11 +55,33 @@ def test_a_rewritten_file_is_decoded_again(tmp_path, cache_off_after):
         read_image(path)
 
 
-def test_files_past_the_budget_are_decoded_each_time(tmp_path, cache_off_after):
-    keep_decoded_in_memory(300 / 2**20)  # 300 bytes: one 8×8×3 image (192 B) fits, the second does not
-    for name in "ab":
-        write_png(tmp_path / f"{name}.png", np.zeros((8, 8, 3), np.uint8))
-        read_image(tmp_path / f"{name}.png")
-    assert datasets._decoded.used == 192 and len(datasets._decoded._arrays) == 1
+def test_the_least_recently_read_file_leaves_a_full_cache(tmp_path, cache_off_after):
+    keep_decoded_in_memory(400 / 2**20)  # 400 bytes: two 8×8×3 images (192 B each) fit, not three
+    for name in "abc":
+        write_png(tmp_path / f"{name}.png", np.full((8, 8, 3), ord(name), np.uint8))
+    cached = lambda: sorted(Path(key[0]).stem for key in datasets._decoded._arrays)  # noqa: E731
+    read_image(tmp_path / "a.png"), read_image(tmp_path / "b.png"), read_image(tmp_path / "a.png")
+    read_image(tmp_path / "c.png")  # b was read least recently
+    assert cached() == ["a", "c"] and datasets._decoded.used == 384
+    assert read_image(tmp_path / "b.png").max() == ord("b") and cached() == ["b", "c"]
+    keep_decoded_in_memory(64 / 2**20)  # a budget smaller than one file: nothing is kept
+    assert read_image(tmp_path / "a.png").max() == ord("a") and datasets._decoded.used == 0
     keep_decoded_in_memory(0)
     assert datasets._decoded is None
+
+
+def test_pseudo_label_maps_are_read_through_the_cache(tmp_path, cache_off_after):
+    from dmtc.dmt.store import PseudoLabelStore
+
+    store = PseudoLabelStore(tmp_path / "store")
+    label = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    code = (np.arange(12, dtype=np.uint16) * 5000).reshape(3, 4)
+    for path, array in ((store.label_path("x"), label), (store.confidence_path("x"), code)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(path), array)
+    keep_decoded_in_memory(1)
+    first = store.load_codes("x")
+    assert len(datasets._decoded._arrays) == 2 and datasets._decoded.used == label.nbytes + code.nbytes
+    first[0][:] = 0
+    again = store.load_codes("x")
+    assert np.array_equal(again[0], label) and np.array_equal(again[1], code) and again[1].dtype == np.uint16

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,16 +22,16 @@ cv2.setNumThreads(0)
 
 
 class DecodedCache:
-    """Decoded dataset files kept in this process's memory, up to ``max_bytes`` (then later files are decoded
-    on every read; nothing is evicted, so what is cached does not depend on the read order's history).
+    """Decoded files kept in this process's memory, up to ``max_bytes``, least recently used out first.
 
-    An entry is keyed by the file's path, size and modification time, so a rewritten file is decoded again.
-    Reads return a copy (callers may modify their array). Each DataLoader worker process holds its own.
+    An entry is keyed by the file's path, inode, size and modification time, so a rewritten or replaced file
+    (a new inode: every atomic write) is decoded again. Reads return a copy (callers may modify their
+    array). Each DataLoader worker process holds its own.
     """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes, self.used = int(max_bytes), 0
-        self._arrays: dict[tuple[str, str, int, int], np.ndarray] = {}
+        self._arrays: OrderedDict[tuple[str, str, int, int, int], np.ndarray] = OrderedDict()
 
     def read(self, path: Path, kind: str, decode: Callable[[], np.ndarray]) -> np.ndarray:
         """``decode()``'s array for file ``path`` (``kind`` names the decoding), from memory when cached."""
@@ -38,12 +39,15 @@ class DecodedCache:
             stat = os.stat(path)
         except OSError:
             return decode()  # missing: decode() raises the error that names the file
-        key = (str(path), kind, stat.st_size, stat.st_mtime_ns)
+        key = (str(path), kind, stat.st_ino, stat.st_size, stat.st_mtime_ns)
         array = self._arrays.get(key)
-        if array is None:
-            array = decode()
-            if self.used + array.nbytes > self.max_bytes:
-                return array
+        if array is not None:
+            self._arrays.move_to_end(key)
+            return array.copy()
+        array = decode()
+        if array.nbytes <= self.max_bytes:
+            while self.used + array.nbytes > self.max_bytes:
+                self.used -= self._arrays.popitem(last=False)[1].nbytes
             self._arrays[key], self.used = array, self.used + array.nbytes
         return array.copy()
 
@@ -52,15 +56,22 @@ _decoded: DecodedCache | None = None
 
 
 def keep_decoded_in_memory(max_mb: float | None) -> None:
-    """Cache up to ``max_mb`` MB of decoded images and labels in this process (``dataset.ram_cache_mb``; 0 or
-    None: decode every read). Small datasets read many times (the synthetic set: ~65 MB, read ~50 times per
-    default run) skip PNG decoding after the first epoch; results are unchanged (the same arrays)."""
+    """Cache up to ``max_mb`` MB of decoded images, labels and pseudo-label maps in this process
+    (``dataset.ram_cache_mb``; 0 or None: decode every read). Small datasets read many times (the synthetic
+    set: ~65 MB read ~40 times per default run, and each phase's pseudo labels: ~67 MB read 3 times) skip PNG
+    decoding after the first read; results are unchanged (the same arrays)."""
     global _decoded
     max_bytes = int(float(max_mb or 0) * 2**20)
     if max_bytes <= 0:
         _decoded = None
     elif _decoded is None or _decoded.max_bytes != max_bytes:
         _decoded = DecodedCache(max_bytes)
+
+
+def read_decoded(path: Path, kind: str, decode: Callable[[], np.ndarray]) -> np.ndarray:
+    """``decode()`` of file ``path``, through this process's :class:`DecodedCache` when
+    :func:`keep_decoded_in_memory` turned it on (``kind``: the decoding, part of the cache key)."""
+    return decode() if _decoded is None else _decoded.read(path, kind, decode)
 
 
 def _decode_image(path: Path) -> np.ndarray:
@@ -85,15 +96,13 @@ def _decode_label(path: Path) -> np.ndarray:
 def read_image(path: Path) -> np.ndarray:
     """Decode an image file to an H×W×3 uint8 RGB array; a missing or corrupt file is a DMTCError. Served
     from memory when :func:`keep_decoded_in_memory` is on and the file was read before."""
-    if _decoded is None:
-        return _decode_image(path)
-    return _decoded.read(path, "rgb", lambda: _decode_image(path))
+    return read_decoded(path, "rgb", lambda: _decode_image(path))
 
 
 def read_label(path: Path, label_map: np.ndarray | None = None) -> np.ndarray:
     """Decode a single-channel label PNG to H×W uint8 class ids, mapped through ``label_map`` if given
     (cached like :func:`read_image`, before the mapping)."""
-    label = _decode_label(path) if _decoded is None else _decoded.read(path, "label", lambda: _decode_label(path))
+    label = read_decoded(path, "label", lambda: _decode_label(path))
     if label_map is not None:
         label = label_map[label]
     return label

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 from torch import Tensor
 
+from dmtc.data.datasets import read_decoded
 from dmtc.dmt.curriculum import ConfidenceHistogram
 from dmtc.dmt.scores import confidence_to_score, decode_score, encode_score, to_numpy
 from dmtc.errors import DMTCError
@@ -193,6 +194,12 @@ class PseudoLabelStore:
         return ConfidenceHistogram.from_counts(counts)
 
     def _read_png(self, path: Path, dtype: type[np.generic], shape: tuple[int, ...] | None) -> np.ndarray:
+        # through the process's decoded-file cache where dataset.ram_cache_mb turned it on: the summaries'
+        # read-back decodes a phase's maps once and both epochs of the phase read them from memory
+        return read_decoded(path, f"pseudo-{np.dtype(dtype).name}",
+                            lambda: self._decode_png(path, dtype, shape))
+
+    def _decode_png(self, path: Path, dtype: type[np.generic], shape: tuple[int, ...] | None) -> np.ndarray:
         try:
             data = np.frombuffer(path.read_bytes(), dtype=np.uint8)
             image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
