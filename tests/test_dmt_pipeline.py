@@ -100,6 +100,27 @@ def test_kill_mid_phase_resumes_from_the_phases_last_checkpoint(tmp_path):
     assert "best phase:" in rerun.stdout
 
 
+def test_kill_in_a_capped_phase_resumes_to_the_cap(tmp_path):
+    """A phase capped by method.phase.max_steps=7 (2 epochs of 4 batches would be 8), killed (-9) at step 6,
+    after the end-of-epoch validation's last.ckpt at step 4: the rerun resumes from step 4 and trains on to
+    the cap (Lightning given both max_epochs and max_steps would count the resumed epoch twice and stop at
+    step 4), and the first phase, which the kill did not touch, also ends at 7."""
+    run = tmp_path / "run"
+    overrides = [*_dmt_overrides(tmp_path), "method.phase.epochs=2", "method.phase.max_steps=7"]
+    killer = ["+callbacks.kill._target_=test_loggers.KillAtStep", "+callbacks.kill.step=6",
+              "+callbacks.kill.stage=mutual"]
+    proc = _popen(tmp_path, [*overrides, *killer])
+    assert proc.wait(timeout=240) == -signal.SIGKILL
+    last = torch.load(run / "phase1_r0.5" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 4
+    rerun = run_script("train.py", overrides, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "phase1_r0.5: resuming from" in rerun.stdout + rerun.stderr
+    results = json.loads((run / "results.json").read_text())
+    assert [p["steps"] for p in results["phases"]] == [2, 7, 7] and results["steps"] == 16
+    assert all(Path(p["checkpoints"][k]).name.startswith(f"best-{k}-") for p in results["phases"] for k in "ab")
+
+
 def test_kill_during_labeling_reuses_the_finished_store_and_redoes_the_other(tmp_path):
     """Killed while model B labels (A's store finished, B's half written), rerun: A's store is reused as it
     is, B's (no manifest) is cleared and rewritten, and the run completes."""

@@ -11,6 +11,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from dmtc.dmt.phases import Phase
+from dmtc.dmt.protocol import stage_schedule
 from dmtc.errors import DMTCError
 from dmtc.loggers import CSVLogger, StepOffsetLogger
 from dmtc.settings import (
@@ -91,3 +93,23 @@ def test_step_offset_logger_puts_consecutive_trainers_on_one_step_axis(tmp_path)
     with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
         rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f) if r["loss"]]
     assert rows == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 0.0), (4, 1.0), (5, 2.0)]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    # the synthetic default: 700 unlabeled // 6 = 116 batches, 2 epochs = 232 > the cap 175
+    ([], (-1, 175)),
+    (["method.phase.max_steps=-1"], (2, -1)),
+    (["method.phase.max_steps=400"], (2, -1)),               # 232 steps end first
+    (["trainer.limit_train_batches=50"], (2, -1)),           # 2 x 50 = 100 <= 175
+    (["trainer.limit_train_batches=0.5"], (2, -1)),          # 2 x int(116 x 0.5) = 116
+    (["trainer.limit_train_batches=0.9"], (-1, 175)),        # 2 x 104 = 208
+    (["method.phase.epochs=1"], (1, -1)),                    # 116 steps end first
+])
+def test_a_phase_gives_the_trainer_only_the_limit_that_ends_it(compose_cfg, overrides, expected):
+    """max_epochs and max_steps are never both finite for a DMT phase (Lightning 2.6 resumes an end-of-epoch
+    checkpoint of such a fit as finished): the one that is reached first, counting batches as Lightning does."""
+    cfg = compose_cfg(overrides=["method=dmt", "trainer.limit_train_batches=null", *overrides])
+    phase = Phase(index=1, ratio=0.2)
+    schedule = stage_schedule(cfg, phase, unlabeled_images=700)
+    assert (schedule["max_epochs"], schedule["max_steps"]) == expected
+    assert stage_schedule(cfg, Phase(index=0, ratio=None), 700) == {}

@@ -126,16 +126,41 @@ def stage_module(run: Run, phase: Phase) -> MutualTrainingModule:
                                 **module_kwargs(cfg, optim_settings(cfg, lr=p.lr)))
 
 
-def stage_schedule(cfg: DictConfig, phase: Phase) -> dict[str, Any]:
+def phase_batches_per_epoch(cfg: DictConfig, unlabeled_images: int) -> int:
+    """Training steps of one pass over the unlabeled set: ``unlabeled_images // unlabeled_batch_size`` (the
+    batch size is global, :func:`dmtc.dmt.phase_data.phase_loaders`), cut as Lightning cuts each epoch by
+    ``trainer.limit_train_batches`` (an int: at most that many; a float: that fraction, rounded down)."""
+    batches = unlabeled_images // phase_settings(cfg).unlabeled_batch_size
+    limit = cfg.trainer.get("limit_train_batches")
+    if limit is None:
+        return batches
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)):
+        raise DMTCError(f"trainer.limit_train_batches={limit!r}: give a number of batches (int) or a fraction (float)")
+    return min(batches, int(limit)) if isinstance(limit, int) else int(batches * float(limit))
+
+
+def stage_schedule(cfg: DictConfig, phase: Phase, unlabeled_images: int | None = None) -> dict[str, Any]:
     """Trainer arguments of a phase: the warm-up keeps ``trainer.*`` (the dataset's supervised schedule);
     a DMT phase runs ``method.phase.epochs`` (capped at ``max_steps``) and validates every
     ``val_check_interval`` steps counted from the phase start (across epochs, as the reference's global
-    step counter), or once per epoch (null); the last step always (ValidateAtEnd)."""
+    step counter), or once per epoch (null); the last step always (ValidateAtEnd).
+
+    The Trainer is given only the limit that ends the phase (``unlabeled_images`` tells which): epochs when
+    the cap is not reached first, else the cap with endless epochs. Lightning (2.6) given both a finite
+    ``max_epochs`` and ``max_steps`` resumes a checkpoint written by an end-of-epoch validation as if the
+    whole fit had ended (the epoch is counted twice), so a phase killed after its first epoch would stop
+    at that epoch's step (``test_kill_in_a_capped_phase_resumes_to_the_cap``)."""
     if phase.warmup:
         return {}
     p = phase_settings(cfg)
+    epochs, cap = p.epochs, p.max_steps
+    if cap != -1 and unlabeled_images is not None:
+        if epochs * phase_batches_per_epoch(cfg, unlabeled_images) <= cap:
+            cap = -1  # the epochs end the phase first
+        else:
+            epochs = -1  # the cap ends it, within some epoch
     every = p.val_check_interval
-    return {"max_epochs": p.epochs, "max_steps": p.max_steps, "num_sanity_val_steps": 0,
+    return {"max_epochs": epochs, "max_steps": cap, "num_sanity_val_steps": 0,
             "val_check_interval": every, "check_val_every_n_epoch": None if every else 1}
 
 
@@ -160,7 +185,7 @@ def fit_phase(run: Run, phase: Phase, step_offset: int, pseudo: dict[str, Any] |
     loggers = [StepOffsetLogger(lg, step_offset, {"phase": phase.index}) for lg in run.loggers]
     trainer = build_trainer(cfg, loggers=loggers, exclude_callbacks=("model_checkpoint", "last_checkpoint"),
                             extra_callbacks=list(callbacks.values()), default_root_dir=str(phase_dir),
-                            stage=stage_label(phase, phases), **stage_schedule(cfg, phase),
+                            stage=stage_label(phase, phases), **stage_schedule(cfg, phase, len(run.split.unlabeled)),
                             lr_key="optim.lr" if phase.warmup else "method.phase.lr",
                             **({} if first_fit else {"enable_model_summary": False}))
     checkpoints = phase_dir / "checkpoints"
