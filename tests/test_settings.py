@@ -96,13 +96,13 @@ def test_step_offset_logger_puts_consecutive_trainers_on_one_step_axis(tmp_path)
 
 
 @pytest.mark.parametrize(("overrides", "expected"), [
-    # the synthetic default: 700 unlabeled // 6 = 116 batches, 2 epochs = 232 > the cap 175
-    ([], (-1, 175)),
+    # the synthetic default: 700 unlabeled // 6 = 116 batches, 2 epochs = 232 > the cap 150
+    ([], (-1, 150)),
     (["method.phase.max_steps=-1"], (2, -1)),
     (["method.phase.max_steps=400"], (2, -1)),               # 232 steps end first
-    (["trainer.limit_train_batches=50"], (2, -1)),           # 2 x 50 = 100 <= 175
+    (["trainer.limit_train_batches=50"], (2, -1)),           # 2 x 50 = 100 <= 150
     (["trainer.limit_train_batches=0.5"], (2, -1)),          # 2 x int(116 x 0.5) = 116
-    (["trainer.limit_train_batches=0.9"], (-1, 175)),        # 2 x 104 = 208
+    (["trainer.limit_train_batches=0.9"], (-1, 150)),        # 2 x 104 = 208
     (["method.phase.epochs=1"], (1, -1)),                    # 116 steps end first
 ])
 def test_a_phase_gives_the_trainer_only_the_limit_that_ends_it(compose_cfg, overrides, expected):
