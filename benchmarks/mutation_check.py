@@ -139,7 +139,8 @@ def run_one(mutation: Mutation, timeout: int) -> tuple[str, float]:
         wall = time.perf_counter() - start
         if proc.returncode == 0:
             return "SURVIVED", wall
-        failed = [line.split(" ")[1] for line in proc.stdout.splitlines() if line.startswith("FAILED ")]
+        # a failing test (FAILED) or a test whose fixture failed (ERROR, e.g. a run the tests share crashed)
+        failed = [line.split(" ")[1] for line in proc.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
         return f"caught by {failed[0] if failed else '(collection error)'}", wall
 
 
