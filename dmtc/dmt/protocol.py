@@ -139,14 +139,15 @@ def phase_batches_per_epoch(cfg: DictConfig, unlabeled_images: int) -> int:
     return min(batches, int(limit)) if isinstance(limit, int) else int(batches * float(limit))
 
 
-def stage_schedule(cfg: DictConfig, phase: Phase, unlabeled_images: int | None = None) -> dict[str, Any]:
+def stage_schedule(cfg: DictConfig, phase: Phase, unlabeled_images: int) -> dict[str, Any]:
     """Trainer arguments of a phase: the warm-up keeps ``trainer.*`` (the dataset's supervised schedule);
     a DMT phase runs ``method.phase.epochs`` (capped at ``max_steps``) and validates every
     ``val_check_interval`` steps counted from the phase start (across epochs, as the reference's global
     step counter), or once per epoch (null); the last step always (ValidateAtEnd).
 
-    The Trainer is given only the limit that ends the phase (``unlabeled_images`` tells which): epochs when
-    the cap is not reached first, else the cap with endless epochs. Lightning (2.6) given both a finite
+    The Trainer is given only the limit that ends the phase (``unlabeled_images``, the size of the phase's
+    unlabeled split, tells which): epochs when the cap is not reached first, else the cap with endless
+    epochs. Lightning (2.6) given both a finite
     ``max_epochs`` and ``max_steps`` resumes a checkpoint written by an end-of-epoch validation as if the
     whole fit had ended (the epoch is counted twice), so a phase killed after its first epoch would stop
     at that epoch's step (``test_kill_in_a_capped_phase_resumes_to_the_cap``)."""
@@ -154,7 +155,7 @@ def stage_schedule(cfg: DictConfig, phase: Phase, unlabeled_images: int | None =
         return {}
     p = phase_settings(cfg)
     epochs, cap = p.epochs, p.max_steps
-    if cap != -1 and unlabeled_images is not None:
+    if cap != -1:
         if epochs * phase_batches_per_epoch(cfg, unlabeled_images) <= cap:
             cap = -1  # the epochs end the phase first
         else:
